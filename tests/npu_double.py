@@ -402,9 +402,7 @@ class TorchNpuDouble(types.ModuleType):
 
     def _summarize(self, v: Any) -> Any:
         if isinstance(v, torch.Tensor):
-            return TensorInfo(
-                tuple(v.shape), v.dtype, self._formats.get(v), v.is_contiguous(), v
-            )
+            return TensorInfo(tuple(v.shape), v.dtype, self._formats.get(v), v.is_contiguous(), v)
         return v
 
     def _record(self, name: str, args: dict[str, Any]) -> CallRecord:
@@ -530,7 +528,9 @@ class TorchNpuDouble(types.ModuleType):
         )
         _require(x1.dim() in (2, 3), "C1", f"x1 must be 2-D or 3-D, got shape {tuple(x1.shape)}")
         _require(x1.numel() > 0, "C12", "x1 must not be empty")
-        _require(x1.is_contiguous(), "C1", "x1 must be contiguous (a transposed x1 is not supported)")
+        _require(
+            x1.is_contiguous(), "C1", "x1 must be contiguous (a transposed x1 is not supported)"
+        )
         _require(self._formats.get(x1) == FORMAT_ND, "C1", "x1 must be in ND format")
         _require(
             x2.dtype in (torch.int8, *_FP_DTYPES), "C2", f"x2 dtype {x2.dtype} not int8/fp16/bf16"
@@ -545,9 +545,7 @@ class TorchNpuDouble(types.ModuleType):
         )
         k = x1.shape[-1]
         m = _numel_prod(tuple(x1.shape[:-1]))
-        _require(
-            x2.shape[0] == k, "C3", f"x2.shape[0]={x2.shape[0]} must equal x1.shape[-1]={k}"
-        )
+        _require(x2.shape[0] == k, "C3", f"x2.shape[0]={x2.shape[0]} must equal x1.shape[-1]={k}")
         n = x2.shape[1]
         x2_nz = self._formats.get(x2) == FORMAT_FRACTAL_NZ
         for name, t in (
@@ -758,8 +756,7 @@ class TorchNpuDouble(types.ModuleType):
             _require(
                 shape == (groups, n),
                 "Q1",
-                f"per-group antiquant_scale shape {shape} must be "
-                f"[ceil(k/g), n] = [{groups}, {n}]",
+                f"per-group antiquant_scale shape {shape} must be [ceil(k/g), n] = [{groups}, {n}]",
             )
         if offset is not None:
             _require(
@@ -878,7 +875,9 @@ class TorchNpuDouble(types.ModuleType):
             if scale.dim() == 1:
                 _require(
                     offset.dim() == 1
-                    and (offset.shape[0] == scale.shape[0] or 1 in (offset.shape[0], scale.shape[0])),
+                    and (
+                        offset.shape[0] == scale.shape[0] or 1 in (offset.shape[0], scale.shape[0])
+                    ),
                     rule,
                     f"1-D scale {tuple(scale.shape)} and offset {tuple(offset.shape)} do not broadcast",
                 )
@@ -1308,7 +1307,7 @@ def _antiquant_weight(
 ) -> torch.Tensor:
     """``(w + offset) * scale`` with per-tensor/channel/group broadcast; rounded to ``dtype``
     after the add and after the multiply (the vendor golden). ``w`` is ``(k, n)`` int8."""
-    k, n = w.shape
+    k = w.shape[0]
 
     def _expand(t: torch.Tensor) -> torch.Tensor:
         t = t.float()
