@@ -31,3 +31,28 @@ def torch_npu_double(monkeypatch: pytest.MonkeyPatch) -> Iterator[npu_double.Tor
         yield double
     finally:
         npu_double.deactivate()
+
+
+# Hypothesis: derandomized in CI (reproducible), a fixed example budget everywhere.
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "ci", derandomize=True, deadline=None, print_blob=True,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    settings.register_profile(
+        "dev", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    )
+    settings.load_profile("ci" if os.environ.get("CI") else "dev")
+except ImportError:  # hypothesis is a test extra
+    pass
+
+
+def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001, ANN201
+    """Shut down the spawned rank pools so the run exits promptly."""
+    from mp_harness import shutdown_pools
+
+    shutdown_pools()

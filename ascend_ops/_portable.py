@@ -1,0 +1,100 @@
+"""Portable backend: plain torch + torch.distributed (any device, any c10d backend).
+
+It is the golden reference for the fused kernel: the per-rank value comes from
+``kernels.mm_local`` (the one formula per scenario, shared with the unfused decode path),
+rounded once to the output dtype, then summed over the group with ``dist.all_reduce`` in the
+output dtype (as HCCL sums the kernel's output buffer).
+
+Quantized communication (comm_quant_scale_1/2, full-quant only) follows KERNELS.md:
+
+1. ``v`` = the per-rank value in the output dtype;
+2. ``a = int8(sat(rint(v / scale_1)))``, exchanged all-to-all by row chunks;
+3. ``r = int8(sat(rint(sum_over_ranks(a) * (scale_1 / scale_2))))`` summed in float32;
+4. ``out = all_gather(r) * scale_2`` in float32, rounded once to the output dtype.
+
+Assumptions (the vendor documents neither): round-half-to-even (CAST_RINT, the mode of every
+Atlas A2 int8 conversion) and saturation to [-128, 127] (HCCL's int8 cast saturates; wrapping
+would turn an overflow into a sign flip). ``scale_1 / scale_2`` is computed in float32 from the
+fp16/bf16 scales. The row exchange is emulated with one all_gather of the int8 partials (every
+rank then sums every row chunk itself): the arithmetic is exactly the reduce-scatter +
+all-gather of the kernel, only the bytes moved differ. With world size 1 the same quantize /
+requantize / dequantize chain is applied, so results do not depend on the world size's code path.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ascend_ops import kernels
+from ascend_ops.hcom import resolve_hcom
+
+__all__ = ["all_reduce", "mm_all_reduce_base"]
+
+
+def _sat_int8(t: torch.Tensor) -> torch.Tensor:
+    return torch.round(t).clamp_(-128, 127).to(torch.int8)
+
+
+def mm_all_reduce_base(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    bias: torch.Tensor | None,
+    antiquant_scale: torch.Tensor | None,
+    antiquant_offset: torch.Tensor | None,
+    x3: torch.Tensor | None,
+    dequant_scale: torch.Tensor | None,
+    pertoken_scale: torch.Tensor | None,
+    comm_quant_scale_1: torch.Tensor | None,
+    comm_quant_scale_2: torch.Tensor | None,
+    antiquant_group_size: int,
+) -> torch.Tensor:
+    """Validated arguments -> all-reduced output (see module docstring)."""
+    group = resolve_hcom(hcom)
+    v = kernels.mm_local(
+        x1,
+        x2,
+        bias=bias,
+        antiquant_scale=antiquant_scale,
+        antiquant_offset=antiquant_offset,
+        x3=x3,
+        dequant_scale=dequant_scale,
+        pertoken_scale=pertoken_scale,
+        antiquant_group_size=antiquant_group_size,
+    )
+    if comm_quant_scale_1 is not None:
+        return _comm_quant_all_reduce(v, group, comm_quant_scale_1, comm_quant_scale_2)
+    if group is not None:
+        dist.all_reduce(v, group=group)
+    return v
+
+
+def _comm_quant_all_reduce(
+    v: torch.Tensor,
+    group: dist.ProcessGroup | None,
+    s1: torch.Tensor,
+    s2: torch.Tensor,
+) -> torch.Tensor:
+    n = v.shape[-1]
+    s1f = s1.reshape(1, n).float()
+    s2f = s2.reshape(1, n).float()
+    a = _sat_int8(v.reshape(-1, n).float() / s1f)
+    if group is None:
+        total = a.float()
+    else:
+        parts = [torch.empty_like(a) for _ in range(group.size())]
+        dist.all_gather(parts, a, group=group)
+        total = torch.stack(parts).float().sum(0)
+    r = _sat_int8(total * (s1f / s2f))
+    return (r.float() * s2f).to(v.dtype).reshape(v.shape)
+
+
+def all_reduce(x: torch.Tensor, hcom: str, inplace: bool = False) -> torch.Tensor:
+    """Sum ``x`` over the domain ``hcom`` (identity for world size 1)."""
+    group = resolve_hcom(hcom)
+    if group is None:
+        return x if inplace else x.clone()
+    y = x if inplace else x.clone()
+    dist.all_reduce(y, group=group)
+    return y

@@ -1,0 +1,529 @@
+"""The one place that enforces CONTRACT.md (rules C1-C14, Q1-Q9) for mm_all_reduce_base.
+
+Every check runs on argument metadata only (dtype, shape, stride, device, format), before any
+device work or collective, and raises TypeError (wrong type or dtype) or ValueError (wrong
+shape, value or combination) whose message names the argument and cites the rule id.
+
+Rules the op cannot check from its arguments:
+- C11 (graph mode supported) is a capability, not a constraint on a call.
+- C14 (all fused ops of a model share one communication domain) is a property of the whole
+  model, not of one call; tp_layers enforces it by giving every layer the same TP context.
+- The world-size part of C12 and the resolvability of ``hcom`` (C4) need the process group:
+  they are checked by ``check_group`` when the backend resolves ``hcom``, still before any
+  collective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import torch
+
+__all__ = ["OpSpec", "Scenario", "check_group", "check_mm_all_reduce_base"]
+
+INT_MAX = 2**31 - 1
+QUANT_DIM_MAX = 65535
+WORLD_SIZES = (1, 2, 4, 8)
+FORMAT_NZ = 29
+
+_FP = (torch.float16, torch.bfloat16)
+_FP_PORTABLE = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class Scenario(enum.Enum):
+    FP = "fp"
+    W8A16 = "w8a16"
+    W8A8 = "w8a8"
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """What a validated call computes: scenario, sizes and the output's shape and dtype."""
+
+    scenario: Scenario
+    m: int
+    k: int
+    n: int
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+
+
+def _err(cls: type[Exception], arg: str, msg: str, rule: str) -> Exception:
+    return cls(f"{arg}: {msg} ({rule})")
+
+
+def _is_transposed_nk(x2: torch.Tensor) -> bool:
+    """x2 (k, n) is the transposed view of a contiguous (n, k) tensor."""
+    return x2.dim() == 2 and x2.stride(0) == 1 and x2.stride(1) == x2.shape[0] and x2.shape[1] > 1
+
+
+def _tensor(name: str, t: object, rule: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise _err(TypeError, name, f"must be a torch.Tensor, got {type(t).__name__}", rule)
+    return t
+
+
+def _shape_in(t: torch.Tensor, allowed: list[tuple[int, ...]]) -> bool:
+    return tuple(t.shape) in allowed
+
+
+def check_mm_all_reduce_base(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    reduce_op: str = "sum",
+    bias: torch.Tensor | None = None,
+    antiquant_scale: torch.Tensor | None = None,
+    antiquant_offset: torch.Tensor | None = None,
+    x3: torch.Tensor | None = None,
+    dequant_scale: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    comm_quant_scale_1: torch.Tensor | None = None,
+    comm_quant_scale_2: torch.Tensor | None = None,
+    comm_turn: int = 0,
+    antiquant_group_size: int = 0,
+    *,
+    ascend: bool = False,
+    x2_format: int | None = None,
+) -> OpSpec:
+    """Check one call against CONTRACT.md. ``ascend``: the call goes to torch_npu (fp32 is then
+    refused per C1, and an NZ x2 in the FP scenario per C2/KERNELS.md). ``x2_format``: x2's
+    storage format id when known (29 = FRACTAL_NZ)."""
+    x1 = _tensor("x1", x1, "C1")
+    x2 = _tensor("x2", x2, "C2")
+    fp_ok = _FP if ascend else _FP_PORTABLE
+    where = " on the Ascend backend" if ascend else ""
+
+    # C1
+    if x1.dtype != torch.int8 and x1.dtype not in fp_ok:
+        names = "int8, float16 or bfloat16" + (
+            "" if ascend else " (float32: portable backend only)"
+        )
+        raise _err(TypeError, "x1", f"dtype must be {names}{where}, got {x1.dtype}", "C1")
+    if x1.dim() not in (2, 3):
+        raise _err(
+            ValueError,
+            "x1",
+            f"must be 2-D (m, k) or 3-D (b, s, k), got shape {tuple(x1.shape)}",
+            "C1",
+        )
+    if not x1.is_contiguous():
+        raise _err(
+            ValueError,
+            "x1",
+            "a transposed / non-contiguous x1 is not supported; call .contiguous()",
+            "C1",
+        )
+    # C2
+    if x2.dim() != 2:
+        raise _err(ValueError, "x2", f"must be 2-D (k, n), got shape {tuple(x2.shape)}", "C2")
+    if x2.dtype != torch.int8 and x2.dtype not in fp_ok:
+        raise _err(
+            TypeError, "x2", f"dtype must be float16, bfloat16 or int8{where}, got {x2.dtype}", "C2"
+        )
+    if x2.device != x1.device:
+        raise _err(ValueError, "x2", f"must be on x1's device {x1.device}, got {x2.device}", "C2")
+    # scenario
+    if x1.dtype == torch.int8:
+        if x2.dtype != torch.int8:
+            raise _err(
+                TypeError, "x2", f"must be int8 when x1 is int8 (full quant), got {x2.dtype}", "C2"
+            )
+        scenario = Scenario.W8A8
+    elif x2.dtype == torch.int8:
+        scenario = Scenario.W8A16
+    else:
+        if x2.dtype != x1.dtype:
+            raise _err(
+                TypeError,
+                "x2",
+                f"dtype must equal x1's ({x1.dtype}) in the non-quant scenario, got {x2.dtype}",
+                "C2",
+            )
+        scenario = Scenario.FP
+        if ascend and x2_format == FORMAT_NZ:
+            raise _err(
+                ValueError,
+                "x2",
+                "FRACTAL_NZ weight is not supported in the non-quant scenario on Atlas A2; keep FP weights ND",
+                "C2",
+            )
+    # C3
+    k = x1.shape[-1]
+    if x2.shape[0] != k:
+        raise _err(
+            ValueError, "x2", f"shape[0] ({x2.shape[0]}) must equal x1's last dim k ({k})", "C3"
+        )
+    n = x2.shape[1]
+    m = 1
+    for d in x1.shape[:-1]:
+        m *= d
+    # C4, C5, C8
+    if not isinstance(hcom, str) or not hcom:
+        raise _err(
+            TypeError,
+            "hcom",
+            f"must be a non-empty communication-domain name (str), got {hcom!r}",
+            "C4",
+        )
+    if reduce_op != "sum":
+        raise _err(ValueError, "reduce_op", f"only 'sum' is supported, got {reduce_op!r}", "C5")
+    if isinstance(comm_turn, bool) or not isinstance(comm_turn, int) or comm_turn != 0:
+        raise _err(ValueError, "comm_turn", f"only 0 is supported, got {comm_turn!r}", "C8")
+    # C10
+    if torch.is_grad_enabled():
+        for name, t in (
+            ("x1", x1),
+            ("x2", x2),
+            ("bias", bias),
+            ("x3", x3),
+            ("antiquant_scale", antiquant_scale),
+            ("antiquant_offset", antiquant_offset),
+        ):
+            if t is not None and t.requires_grad:
+                raise _err(
+                    ValueError,
+                    name,
+                    "requires grad: the op is inference only (no backward); call under torch.no_grad()/inference_mode() or detach",
+                    "C10",
+                )
+    # C12, C13
+    if x1.numel() == 0:
+        raise _err(ValueError, "x1", f"must not be empty, got shape {tuple(x1.shape)}", "C12")
+    if x2.numel() == 0:
+        raise _err(ValueError, "x2", f"must not be empty, got shape {tuple(x2.shape)}", "C12")
+    for name, v in (("m", m), ("k", k), ("n", n)):
+        if v > INT_MAX:
+            raise _err(
+                ValueError,
+                "x1" if name != "n" else "x2",
+                f"{name} = {v} exceeds [1, 2^31-1]",
+                "C13",
+            )
+
+    # C9 output
+    out_shape = (*x1.shape[:-1], n)
+    if scenario is Scenario.W8A8:
+        out_dtype = _check_w8a8(
+            x1,
+            x2,
+            m,
+            k,
+            n,
+            dequant_scale,
+            pertoken_scale,
+            antiquant_scale,
+            antiquant_offset,
+            antiquant_group_size,
+        )
+    else:
+        out_dtype = x1.dtype
+        for name, t, rule in (
+            ("dequant_scale", dequant_scale, "Q5"),
+            ("pertoken_scale", pertoken_scale, "Q6"),
+        ):
+            if t is not None:
+                raise _err(
+                    ValueError, name, "is only for the full-quant scenario (int8 x1 and x2)", rule
+                )
+        if scenario is Scenario.W8A16:
+            _check_w8a16(x1, k, n, antiquant_scale, antiquant_offset, antiquant_group_size)
+        else:
+            for name, t in (
+                ("antiquant_scale", antiquant_scale),
+                ("antiquant_offset", antiquant_offset),
+            ):
+                if t is not None:
+                    raise _err(
+                        ValueError,
+                        name,
+                        "is only for the weight-only quant scenario (int8 x2, float x1)",
+                        "Q1" if name == "antiquant_scale" else "Q2",
+                    )
+            if antiquant_group_size != 0:
+                raise _err(
+                    ValueError,
+                    "antiquant_group_size",
+                    f"must be 0 outside the per-group W8A16 scenario, got {antiquant_group_size}",
+                    "Q3",
+                )
+
+    # C6 bias
+    if bias is not None:
+        bias = _tensor("bias", bias, "C6")
+        want = torch.int32 if scenario is Scenario.W8A8 else x1.dtype
+        if bias.dtype != want:
+            raise _err(
+                TypeError,
+                "bias",
+                f"dtype must be {want} in the {scenario.value} scenario, got {bias.dtype}",
+                "C6",
+            )
+        if bias.dim() != 1 or bias.shape[0] != n:
+            raise _err(
+                ValueError,
+                "bias",
+                f"must be 1-D of length n = {n}, got shape {tuple(bias.shape)}",
+                "C6",
+            )
+        _same_device("bias", bias, x1, "C6")
+    # C7 x3
+    if x3 is not None:
+        x3 = _tensor("x3", x3, "C7")
+        if x3.dtype != out_dtype:
+            raise _err(
+                TypeError,
+                "x3",
+                f"dtype must equal the output dtype {out_dtype}, got {x3.dtype}",
+                "C7",
+            )
+        if tuple(x3.shape) != out_shape:
+            raise _err(
+                ValueError,
+                "x3",
+                f"shape must equal the output shape {out_shape}, got {tuple(x3.shape)}",
+                "C7",
+            )
+        _same_device("x3", x3, x1, "C7")
+    # Q8 comm quant
+    if comm_quant_scale_1 is not None or comm_quant_scale_2 is not None:
+        if scenario is not Scenario.W8A8:
+            name = "comm_quant_scale_1" if comm_quant_scale_1 is not None else "comm_quant_scale_2"
+            raise _err(
+                ValueError,
+                name,
+                "is supported only in the full-quant scenario (int8 x1 and x2)",
+                "Q8",
+            )
+        if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
+            missing = "comm_quant_scale_1" if comm_quant_scale_1 is None else "comm_quant_scale_2"
+            raise _err(
+                ValueError,
+                missing,
+                "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
+                "Q8",
+            )
+        for name, t in (
+            ("comm_quant_scale_1", comm_quant_scale_1),
+            ("comm_quant_scale_2", comm_quant_scale_2),
+        ):
+            t = _tensor(name, t, "Q8")
+            if t.dtype != out_dtype:
+                raise _err(
+                    TypeError,
+                    name,
+                    f"dtype must equal the output dtype {out_dtype}, got {t.dtype}",
+                    "Q8",
+                )
+            if not _shape_in(t, [(n,), (1, n)]):
+                raise _err(
+                    ValueError,
+                    name,
+                    f"shape must be [n] or [1, n] with n = {n}, got {tuple(t.shape)}",
+                    "Q8",
+                )
+            _same_device(name, t, x1, "Q8")
+        if comm_quant_scale_1.shape != comm_quant_scale_2.shape:
+            raise _err(
+                ValueError,
+                "comm_quant_scale_2",
+                f"shape must equal comm_quant_scale_1's {tuple(comm_quant_scale_1.shape)}, got {tuple(comm_quant_scale_2.shape)}",
+                "Q8",
+            )
+    return OpSpec(scenario, m, k, n, out_shape, out_dtype)
+
+
+def _same_device(name: str, t: torch.Tensor, x1: torch.Tensor, rule: str) -> None:
+    if t.device != x1.device:
+        raise _err(ValueError, name, f"must be on x1's device {x1.device}, got {t.device}", rule)
+
+
+def _check_group_size(g: object, k: int) -> None:
+    if isinstance(g, bool) or not isinstance(g, int):
+        raise _err(
+            TypeError, "antiquant_group_size", f"must be an int, got {type(g).__name__}", "Q3"
+        )
+    if g == 0:
+        return
+    if g < 32 or g % 32 != 0 or g > min(k - 1, INT_MAX):
+        raise _err(
+            ValueError,
+            "antiquant_group_size",
+            f"must be 0 or a multiple of 32 in [32, min(k - 1, INT_MAX)] = [32, {k - 1}], got {g}",
+            "Q3",
+        )
+
+
+def _check_w8a16(
+    x1: torch.Tensor,
+    k: int,
+    n: int,
+    scale: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    g: int,
+) -> None:
+    if scale is None:
+        raise _err(
+            ValueError,
+            "antiquant_scale",
+            "is required when x2 is int8 and x1 is float (weight-only quant)",
+            "Q1",
+        )
+    scale = _tensor("antiquant_scale", scale, "Q1")
+    if scale.dtype != x1.dtype:
+        raise _err(
+            TypeError,
+            "antiquant_scale",
+            f"dtype must equal x1's ({x1.dtype}), got {scale.dtype}",
+            "Q1",
+        )
+    _same_device("antiquant_scale", scale, x1, "Q1")
+    for name, v in (("k", k), ("n", n)):
+        if v > QUANT_DIM_MAX:
+            raise _err(
+                ValueError,
+                "x2",
+                f"{name} = {v} exceeds [1, 65535] in the weight-only quant scenario",
+                "Q4",
+            )
+    _check_group_size(g, k)
+    if g > 0:
+        groups = (k + g - 1) // g
+        if tuple(scale.shape) != (groups, n):
+            raise _err(
+                ValueError,
+                "antiquant_scale",
+                f"per-group shape must be [ceil(k / antiquant_group_size), n] = [{groups}, {n}], got {tuple(scale.shape)}",
+                "Q1",
+            )
+    elif not _shape_in(scale, [(1,), (n,), (1, n)]):
+        raise _err(
+            ValueError,
+            "antiquant_scale",
+            f"shape must be [1] (per-tensor), [n] or [1, n] (per-channel) with n = {n}, or per-group with antiquant_group_size > 0; got {tuple(scale.shape)}",
+            "Q1",
+        )
+    if offset is not None:
+        offset = _tensor("antiquant_offset", offset, "Q2")
+        if offset.dtype != scale.dtype:
+            raise _err(
+                TypeError,
+                "antiquant_offset",
+                f"dtype must equal antiquant_scale's ({scale.dtype}), got {offset.dtype}",
+                "Q2",
+            )
+        if offset.shape != scale.shape:
+            raise _err(
+                ValueError,
+                "antiquant_offset",
+                f"shape must equal antiquant_scale's {tuple(scale.shape)}, got {tuple(offset.shape)}",
+                "Q2",
+            )
+        _same_device("antiquant_offset", offset, x1, "Q2")
+
+
+def _check_w8a8(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    m: int,
+    k: int,
+    n: int,
+    dequant_scale: torch.Tensor | None,
+    pertoken_scale: torch.Tensor | None,
+    antiquant_scale: torch.Tensor | None,
+    antiquant_offset: torch.Tensor | None,
+    g: int,
+) -> torch.dtype:
+    for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
+        if t is not None:
+            raise _err(
+                ValueError,
+                name,
+                "is only for the weight-only quant scenario (int8 x2, float x1)",
+                "Q1" if name == "antiquant_scale" else "Q2",
+            )
+    if g != 0:
+        raise _err(
+            ValueError,
+            "antiquant_group_size",
+            f"must be 0 in the full-quant scenario, got {g}",
+            "Q3",
+        )
+    if k > QUANT_DIM_MAX:
+        raise _err(ValueError, "x1", f"k = {k} exceeds [1, 65535] in the full-quant scenario", "Q7")
+    if n > QUANT_DIM_MAX and not _is_transposed_nk(x2):
+        raise _err(
+            ValueError,
+            "x2",
+            f"n = {n} exceeds [1, 65535]; larger n is only allowed for a transposed (n, k) weight",
+            "Q7",
+        )
+    if dequant_scale is None:
+        raise _err(
+            ValueError,
+            "dequant_scale",
+            "is required in the full-quant scenario (int8 x1 and x2)",
+            "Q5",
+        )
+    dequant_scale = _tensor("dequant_scale", dequant_scale, "Q5")
+    ok = (torch.int64, torch.uint64, torch.bfloat16, torch.float32)
+    if dequant_scale.dtype not in ok:
+        raise _err(
+            TypeError,
+            "dequant_scale",
+            f"dtype must be int64/uint64 (packed), bfloat16 or float32, got {dequant_scale.dtype}",
+            "Q5",
+        )
+    if not _shape_in(dequant_scale, [(1,), (n,), (1, n)]):
+        raise _err(
+            ValueError,
+            "dequant_scale",
+            f"shape must be [1] (per-tensor), [n] or [1, n] (per-channel) with n = {n}, got {tuple(dequant_scale.shape)}",
+            "Q5",
+        )
+    _same_device("dequant_scale", dequant_scale, x1, "Q5")
+    if pertoken_scale is not None:
+        pertoken_scale = _tensor("pertoken_scale", pertoken_scale, "Q6")
+        if pertoken_scale.dtype != torch.float32:
+            raise _err(
+                TypeError,
+                "pertoken_scale",
+                f"dtype must be float32, got {pertoken_scale.dtype}",
+                "Q6",
+            )
+        want = "[m]" if x1.dim() == 2 else "[b*s]"
+        if tuple(pertoken_scale.shape) != (m,):
+            raise _err(
+                ValueError,
+                "pertoken_scale",
+                f"shape must be {want} = [{m}], got {tuple(pertoken_scale.shape)}",
+                "Q6",
+            )
+        _same_device("pertoken_scale", pertoken_scale, x1, "Q6")
+        if dequant_scale.dtype in (torch.int64, torch.uint64):
+            raise _err(
+                TypeError,
+                "dequant_scale",
+                "with pertoken_scale must be float32 (fp16 output) or bfloat16 (bf16 output), not a packed int64 scale (dtype table 3)",
+                "Q6",
+            )
+    elif dequant_scale.dtype == torch.float32:
+        raise _err(
+            TypeError,
+            "dequant_scale",
+            "float32 without pertoken_scale must first be packed to int64 with trans_quant_param",
+            "Q9",
+        )
+    return torch.bfloat16 if dequant_scale.dtype == torch.bfloat16 else torch.float16
+
+
+def check_group(world_size: int, hcom: str) -> None:
+    """C12: the communication domain's size must be 1, 2, 4 or 8."""
+    if world_size not in WORLD_SIZES:
+        raise _err(
+            ValueError,
+            "hcom",
+            f"communication domain {hcom!r} has world size {world_size}; supported: 1, 2, 4 or 8",
+            "C12",
+        )
