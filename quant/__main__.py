@@ -1,0 +1,7 @@
+"""``python -m quant``: see ``quant.cli``."""
+
+import sys
+
+from quant.cli import main
+
+sys.exit(main())

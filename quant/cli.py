@@ -1,0 +1,143 @@
+"""``python -m quant``: quantize a float safetensors model directory into an msmodelslim
+checkpoint (``quant_model_description.json`` + safetensors shards).
+
+Exit codes: 0 success, 2 bad arguments or inputs (message on stderr, no output written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from quant.checkpoint import parse_size
+from quant.convert import format_report, quantize_checkpoint
+from quant.modules import DEFAULT_SKIP_PATTERNS
+from quant.schemes import W8A8, W8A16, Scheme
+
+__all__ = ["build_parser", "main"]
+
+_SCHEMES = ("w8a16", "w8a8", "w8a8_dynamic")
+_DTYPES = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
+
+_EPILOG = f"""\
+Layers kept FLOAT: every tensor that is not a 2-D float '*.weight', and modules matching
+the default patterns {", ".join(DEFAULT_SKIP_PATTERNS)} (case-insensitive re.search), plus
+--skip patterns.
+
+--calib FILE (required for w8a8; optional for the others, where it adds output errors to
+--report) is a safetensors file with, per linear module M (its weight name minus '.weight'):
+  "M": float tensor (..., k) of sample inputs to that layer, or
+  "M.input_min", "M.input_max": one-element tensors with an observed input range;
+or "input_ids" (int, batch x seq) [+ "attention_mask"] to run through the float model
+(needs config.json in --model and transformers).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m quant",
+        description="Quantize a Hugging Face style safetensors model directory into an "
+        "msmodelslim checkpoint for Ascend (W8A16, static W8A8, W8A8_DYNAMIC).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="DIR", help="float model directory")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument(
+        "--scheme", required=True, type=str.lower, choices=_SCHEMES, help="quantization scheme"
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="w8a16 only: per-group size (multiple of 32 dividing k); 0 = per-channel",
+    )
+    p.add_argument(
+        "--asymmetric",
+        action="store_true",
+        help="w8a16 only: asymmetric min-max weights (default symmetric)",
+    )
+    p.add_argument("--calib", metavar="FILE", help="calibration file (see below)")
+    p.add_argument(
+        "--observer",
+        choices=("minmax", "percentile"),
+        default="minmax",
+        help="w8a8 activation range observer (default minmax)",
+    )
+    p.add_argument(
+        "--percentile",
+        type=float,
+        default=99.99,
+        help="percentile for --observer percentile (default 99.99)",
+    )
+    p.add_argument(
+        "--skip",
+        nargs="*",
+        default=[],
+        metavar="PATTERN",
+        help="extra module-name regexes to keep in float",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(_DTYPES),
+        default="auto",
+        help="output model dtype (default: keep each tensor's dtype)",
+    )
+    p.add_argument("--max-shard-size", default="2GB", help="output shard size (default 2GB)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="print per-layer weight (and, with --calib activations, output) errors",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _scheme(args: argparse.Namespace) -> Scheme:
+    if args.scheme != "w8a16" and (args.group_size or args.asymmetric):
+        raise ValueError("--group-size and --asymmetric apply to --scheme w8a16 only")
+    if args.scheme == "w8a16":
+        return W8A16(group_size=args.group_size, symmetric=not args.asymmetric)
+    return W8A8(dynamic=args.scheme == "w8a8_dynamic")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 error)."""
+    args = build_parser().parse_args(argv)
+    try:
+        scheme = _scheme(args)
+        parse_size(args.max_shard_size)
+        result = quantize_checkpoint(
+            args.model,
+            args.out,
+            scheme,
+            calib=args.calib,
+            skip=args.skip,
+            force=args.force,
+            report=args.report,
+            observer=args.observer,
+            percentile=args.percentile,
+            model_dtype=_DTYPES[args.dtype],
+            max_shard_size=args.max_shard_size,
+            progress=not args.no_progress,
+        )
+    except (FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.report:
+        print(format_report(result.reports))
+    print(result.summary(), file=sys.stderr)
+    return 0

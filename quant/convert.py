@@ -1,0 +1,340 @@
+"""``quantize_checkpoint``: float safetensors model directory -> msmodelslim quantized directory.
+
+Streams one tensor at a time (``safe_open`` per source shard), writes output shards
+incrementally through ``CheckpointWriter`` (atomic; nothing is left behind on error), and
+validates everything it can *before* writing: the scheme against every layer shape, the
+calibration coverage for static W8A8, the output path.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from quant.algorithms import dequantize_linear, quantize_linear
+from quant.calibration import Calibration, load_calibration
+from quant.checkpoint import DESCRIPTION_FILE, INDEX_FILE, CheckpointReader, CheckpointWriter
+from quant.convention import deq_scale_to_float32
+from quant.modules import QuantLinear, is_skipped
+from quant.schemes import W8A8, W8A16, Scheme
+
+__all__ = ["ConvertResult", "LayerReport", "format_report", "quantize_checkpoint"]
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+@dataclass
+class LayerReport:
+    """Quality of one quantized layer.
+
+    weight_rel_err: ||W - W_hat||_F / ||W||_F. weight_max_err_half_scales: max over elements of
+    |W - W_hat| / (scale / 2) (<= 1 up to float rounding). out_rel_err / out_max_abs_err: output
+    of the quantized layer (ascend_ops kernels) vs the float layer on the calib activations,
+    ||y_q - y||_F / ||y||_F and max |y_q - y| (None without activations).
+    """
+
+    name: str
+    scheme: str
+    n: int
+    k: int
+    weight_rel_err: float
+    weight_max_err_half_scales: float
+    out_rel_err: float | None = None
+    out_max_abs_err: float | None = None
+
+
+@dataclass
+class ConvertResult:
+    """What ``quantize_checkpoint`` did."""
+
+    out_dir: Path
+    scheme: str
+    quantized: list[str] = field(default_factory=list)
+    kept_float: list[str] = field(default_factory=list)
+    shards: int = 0
+    reports: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        return (
+            f"quantized {len(self.quantized)} layers to {self.scheme}, kept "
+            f"{len(self.kept_float)} tensors FLOAT, {self.shards} shard(s) -> {self.out_dir} "
+            f"in {self.seconds:.1f}s"
+        )
+
+
+def _elementwise_scale(tensors: dict[str, torch.Tensor], n: int, k: int) -> torch.Tensor:
+    """(n, k) float32 weight scale of each element."""
+    if "weight_scale" in tensors:
+        s = tensors["weight_scale"].to(torch.float32).reshape(n, -1)
+    else:  # static W8A8 without the optional weight_scale: deq_scale / input_scale
+        deq = deq_scale_to_float32(tensors["deq_scale"])
+        s = (deq / tensors["input_scale"].to(torch.float32).reshape(())).reshape(n, 1)
+    return s.repeat_interleave(k // s.shape[1], dim=1)
+
+
+def layer_report(
+    name: str,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    tensors: dict[str, torch.Tensor],
+    scheme: Scheme,
+    activations: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_rows: int = 512,
+) -> LayerReport:
+    """Weight and (with activations (rows, k)) output error of one quantized layer; the
+    quantized layer runs on inputs cast to ``dtype`` (the model dtype)."""
+    n, k = weight.shape
+    w = weight.to(torch.float32)
+    w_hat, _ = dequantize_linear(tensors, scheme)
+    err = (w - w_hat).abs()
+    rel = float(torch.linalg.norm(w - w_hat) / torch.linalg.norm(w).clamp_min(1e-30))
+    half = _elementwise_scale(tensors, n, k) / 2
+    rep = LayerReport(name, scheme.name, n, k, rel, float((err / half).max()))
+    if activations is not None:
+        x = activations[:max_rows].to(torch.float32)
+        y = x @ w.t() + (0 if bias is None else bias.to(torch.float32))
+        layer = QuantLinear(scheme, tensors)
+        yq = layer(x.to(dtype)).to(torch.float32)
+        rep.out_rel_err = float(torch.linalg.norm(yq - y) / torch.linalg.norm(y).clamp_min(1e-30))
+        rep.out_max_abs_err = float((yq - y).abs().max())
+    return rep
+
+
+def format_report(reports: Sequence[LayerReport]) -> str:
+    """Fixed-width table of per-layer errors plus a mean/max line."""
+    if not reports:
+        return "(no quantized layers)"
+    width = max(len(r.name) for r in reports)
+    head = (
+        f"{'layer':<{width}}  {'scheme':<12} {'n x k':>11}  {'w rel err':>9}  "
+        f"{'max|dw|/(s/2)':>13}  {'out rel err':>11}  {'out max abs':>11}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        o1 = "-" if r.out_rel_err is None else f"{r.out_rel_err:.3e}"
+        o2 = "-" if r.out_max_abs_err is None else f"{r.out_max_abs_err:.3e}"
+        lines.append(
+            f"{r.name:<{width}}  {r.scheme:<12} {f'{r.n}x{r.k}':>11}  "
+            f"{r.weight_rel_err:9.3e}  {r.weight_max_err_half_scales:13.4f}  "
+            f"{o1:>11}  {o2:>11}"
+        )
+    w = [r.weight_rel_err for r in reports]
+    o = [r.out_rel_err for r in reports if r.out_rel_err is not None]
+    line = f"mean weight rel err {sum(w) / len(w):.3e}, max {max(w):.3e}"
+    if o:
+        line += f"; mean output rel err {sum(o) / len(o):.3e}, max {max(o):.3e}"
+    lines.append(line)
+    return "\n".join(lines)
+
+
+class _Progress:
+    """tqdm when available and stderr is a TTY, else silent (the caller prints a summary)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        self._count = 0
+        self._total = total
+        self._plain = False
+        if enabled and sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="tensor", desc="quantize", file=sys.stderr)
+            except ImportError:
+                self._plain = True
+
+    def update(self, name: str) -> None:
+        self._count += 1
+        if self._bar is not None:
+            self._bar.set_postfix_str(name[-40:], refresh=False)
+            self._bar.update(1)
+        elif self._plain:
+            print(f"\r[{self._count}/{self._total}] {name[-60:]:<60}", end="", file=sys.stderr)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._plain:
+            print(file=sys.stderr)
+
+
+def quantize_checkpoint(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    config: Scheme,
+    *,
+    calib: str | os.PathLike[str] | Calibration | None = None,
+    skip: Iterable[str] = (),
+    force: bool = False,
+    report: bool = False,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    act_symmetric: bool = False,
+    model_dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "2GB",
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> ConvertResult:
+    """Quantize the float safetensors model in ``src`` into an msmodelslim checkpoint ``dst``.
+
+    Every 2-D floating ``*.weight`` whose module name matches no skip pattern (defaults: lm_head,
+    embeddings, norms; ``skip`` adds ``re.search`` patterns) is quantized with ``config``;
+    everything else is copied as ``FLOAT``. model_dtype: dtype of the float tensors and scales
+    of the output (default: each tensor's source dtype). Static W8A8 needs ``calib`` (a calib
+    file, see ``quant.calibration``, or a loaded ``Calibration``). Side files (config.json,
+    tokenizer) are copied. Raises FileNotFoundError / FileExistsError / ValueError before
+    writing anything when inputs are wrong; the output appears atomically or not at all.
+    """
+    t0 = time.monotonic()
+    if not isinstance(config, Scheme):
+        raise TypeError(f"config: expected a quant.schemes scheme, got {type(config).__name__}")
+    if not config.is_quantized:
+        raise ValueError("config: FLOAT is not a quantization scheme")
+    if model_dtype is not None and model_dtype not in _FLOATS:
+        raise ValueError(f"model_dtype: must be float16, bfloat16 or float32, got {model_dtype}")
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"model directory not found: {src}")
+    if dst.exists() and not force:
+        raise FileExistsError(f"output {dst} already exists; use --force to replace it")
+    if dst.resolve() == src.resolve():
+        raise ValueError("output directory must differ from the model directory")
+    skip = tuple(skip)
+    static = isinstance(config, W8A8) and not config.dynamic
+
+    with CheckpointReader(src) as reader:
+        if reader.description is not None and reader.model_quant_type != "FLOAT":
+            raise ValueError(f"{src} is already quantized ({reader.model_quant_type})")
+        # ---- plan and validate, before touching the output ----------------------------------
+        layers: dict[str, tuple[int, int]] = {}
+        errors: list[str] = []
+        for name in reader.names():
+            info = reader.info(name)
+            if not name.endswith(".weight") or len(info.shape) != 2 or info.dtype not in _FLOATS:
+                continue
+            module = name[: -len(".weight")]
+            if is_skipped(module, skip):
+                continue
+            n, k = info.shape
+            try:
+                config.validate_layer(n, k)
+            except ValueError as e:
+                errors.append(f"{module} (n={n}, k={k}): {e}")
+            layers[module] = (n, k)
+        if errors:
+            raise ValueError(
+                "cannot quantize with "
+                + config.name
+                + ":\n  "
+                + "\n  ".join(errors)
+                + "\n(use --skip PATTERN to keep such layers in float)"
+            )
+        if not layers:
+            raise ValueError(f"no 2-D float '*.weight' tensors to quantize in {src}")
+        cal: Calibration | None
+        if calib is None or isinstance(calib, Calibration):
+            cal = calib
+        else:
+            cal = load_calibration(calib, model_dir=src)
+        if static:
+            if cal is None:
+                raise ValueError(
+                    "static W8A8 needs calibration data: pass --calib FILE "
+                    "(or use --scheme w8a8_dynamic)"
+                )
+            missing = sorted(set(layers) - cal.modules())
+            if missing:
+                raise ValueError(
+                    f"calib data has no inputs for {len(missing)} layer(s): "
+                    + ", ".join(missing[:6])
+                    + (" ..." if len(missing) > 6 else "")
+                    + " (add them to the calib file or --skip them)"
+                )
+
+        result = ConvertResult(out_dir=dst, scheme=config.name)
+        bar = _Progress(len(reader.names()), progress)
+        try:
+            with CheckpointWriter(dst, max_shard_bytes=max_shard_size, force=force) as writer:
+                for _file, infos in reader.infos_by_file():
+                    for info in infos:
+                        name = info.name
+                        module = name.rpartition(".")[0]
+                        if name.endswith(".bias") and module in layers:
+                            bar.update(name)  # written with its weight
+                            continue
+                        if name.endswith(".weight") and module in layers:
+                            _convert_layer(
+                                reader,
+                                writer,
+                                module,
+                                config,
+                                cal,
+                                observer,
+                                percentile,
+                                act_symmetric,
+                                model_dtype,
+                                report,
+                                result,
+                            )
+                        else:
+                            t = reader.get_tensor(name)
+                            if model_dtype is not None and t.dtype in _FLOATS:
+                                t = t.to(model_dtype)
+                            writer.add(name, t, "FLOAT")
+                            result.kept_float.append(name)
+                        bar.update(name)
+                for side in sorted(src.iterdir()):
+                    if (
+                        side.is_file()
+                        and side.name not in (INDEX_FILE, DESCRIPTION_FILE)
+                        and not side.name.endswith(_WEIGHT_FILE_SUFFIXES)
+                    ):
+                        writer.copy_file(side)
+                group = config.group_size if isinstance(config, W8A16) else 0
+                writer.flush()
+                result.shards = writer.num_shards
+                writer.commit(config.name, group_size=group)
+        finally:
+            bar.close()
+    result.seconds = time.monotonic() - t0
+    if log is not None:
+        log(result.summary())
+    return result
+
+
+def _convert_layer(
+    reader: CheckpointReader,
+    writer: CheckpointWriter,
+    module: str,
+    config: Scheme,
+    cal: Calibration | None,
+    observer: str,
+    percentile: float,
+    act_symmetric: bool,
+    model_dtype: torch.dtype | None,
+    report: bool,
+    result: ConvertResult,
+) -> None:
+    weight = reader.get_tensor(f"{module}.weight")
+    bias = reader.get_tensor(f"{module}.bias") if f"{module}.bias" in reader else None
+    static = isinstance(config, W8A8) and not config.dynamic
+    act_range = cal.range_of(module, observer, percentile) if static and cal else None
+    dt = model_dtype or weight.dtype
+    tensors = quantize_linear(
+        weight, bias, config, model_dtype=dt, act_range=act_range, act_symmetric=act_symmetric
+    )
+    for suffix, t in tensors.items():
+        writer.add(f"{module}.{suffix}", t, config.name)
+    result.quantized.append(module)
+    if report:
+        acts = cal.activations.get(module) if cal is not None else None
+        result.reports.append(layer_report(module, weight, bias, tensors, config, acts, dt))
