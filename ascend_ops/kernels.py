@@ -5,9 +5,11 @@ Precision, per scenario (the portable backend is the golden reference for the fu
 
 - FP (fp16 / bf16 / fp32): products accumulated in float32 (oneDNN's bf16 GEMM accumulates in
   fp32; fp16 is computed as an fp32 GEMM because CPU fp16 GEMM is slow), ``bias`` and ``x3``
-  added in float32, ONE rounding to the output dtype per rank. bf16 with only one of
-  ``bias`` / ``x3`` (in bf16) stays a bf16 ``addmm``, whose beta-term is added to the fp32
-  accumulator before the single rounding; bf16 with both, or with an fp32 bias, upcasts.
+  added in float32, ONE rounding to the output dtype per rank. bf16 at small m
+  (``BF16_GEMM_MAX_M``) with at most one of ``bias`` / ``x3`` (in bf16) stays a bf16
+  ``matmul`` / ``addmm``, whose beta-term is added to the fp32 accumulator before the single
+  rounding; otherwise the operands are upcast (faster on AVX2 CPUs at larger m, and the only
+  single-rounding way to add two terms: CPU torch has no bf16 GEMM with fp32 output).
 - W8A16: the weight is dequantized in the activation dtype exactly as the vendor golden does
   (``w.to(dt) + offset`` rounded to dt, then ``* scale`` rounded to dt), then an FP matmul with
   fp32 accumulation; bias / x3 in fp32; one final rounding. Exception, for speed at small m
@@ -29,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from ascend_ops import backend
-from ascend_ops.quant_param import unpack_quant_param
+from ascend_ops.quant_param import truncate_scale, unpack_quant_param
 
 __all__ = [
     "W8A16_INT8PACK_MAX_M",
@@ -60,6 +62,14 @@ def _finish(
     return acc.to(out_dtype).reshape(*lead, acc.shape[-1])
 
 
+# Largest m for which fp_matmul keeps a bf16 GEMM; above it the operands are upcast and an fp32
+# GEMM is used (same single rounding, different speed). On CPUs without native bf16 (AVX2)
+# oneDNN's bf16 GEMM is several times slower than sgemm once the upcast of w is amortized.
+# bench/kernels_switch.py, k = n = 4096, median ms, bf16 GEMM vs upcast + fp32 GEMM:
+# m=16: 24.8 vs 40.5, m=32: 49.1 vs 46.5, m=64: 99.1 vs 47.8, m=256: 395.6 vs 114.8.
+BF16_GEMM_MAX_M = 32
+
+
 def fp_matmul(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -74,7 +84,7 @@ def fp_matmul(
     lead = tuple(x.shape[:-1])
     x2d = _as_2d(x)
     n = w.shape[-1]
-    if x.dtype == torch.bfloat16:
+    if x.dtype == torch.bfloat16 and x2d.shape[0] <= BF16_GEMM_MAX_M:
         # One bf16 GEMM (fp32 accumulation, one rounding). addmm adds its bf16 ``input`` term
         # to the fp32 accumulator before that rounding (checked in tests/test_kernels.py), so a
         # single bf16 bias or x3 needs no upcast; bias + x3 together would need two terms.
@@ -92,9 +102,7 @@ def fp_matmul(
     return _finish(acc, x.dtype, x3, lead)
 
 
-def _expand_antiquant(
-    p: torch.Tensor, k: int, n: int, group_size: int
-) -> torch.Tensor:
+def _expand_antiquant(p: torch.Tensor, k: int, n: int, group_size: int) -> torch.Tensor:
     """antiquant scale/offset [1] | [1,1] | [n] | [1,n] | [ceil(k/g), n] -> broadcastable to (k, n)."""
     if p.numel() == 1:
         return p.reshape(1, 1)
@@ -121,9 +129,12 @@ def dequantize_weight(
 
 
 # Largest m (rows of x) for which weight_quant_matmul uses torch._weight_int8pack_mm instead of
-# dequantize + GEMM. Measured with bench/kernels_switch.py (median of 7, bf16, 2 threads, AMD
-# EPYC with AVX2 only): __BENCH__
-W8A16_INT8PACK_MAX_M = 32
+# dequantize + GEMM (the GEMM being fp_matmul's, i.e. upcast fp32 above BF16_GEMM_MAX_M).
+# bench/kernels_switch.py (median of 5, bf16, 2 threads, AVX2-only AMD EPYC, shared machine),
+# k = n = 4096, int8pack vs dequant + fp32 GEMM, ms: m=1: 1.2 vs 76 (vs 40 with a bf16 GEMM),
+# m=64: 27 vs 76, m=128: 69 vs 113, m=256: 141 vs 157, m=384: 208 vs 182. So the int8 kernel
+# wins up to ~300 rows; full results in bench/results/kernels_switch.txt.
+W8A16_INT8PACK_MAX_M = 256
 
 
 def prepare_w8a16_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -244,24 +255,37 @@ def quant_matmul(
     (added to the accumulator) or, for a float bias, added after scaling. output_dtype:
     fp16 / bf16 (default by the dtype table: bf16 for a bf16 scale, else fp16), or int8 for
     re-quantization with the packed ``offset`` (``rint(acc * scale + offset)``, saturated).
+    A float32 scale without pertoken_scale and with fp16 / int8 output loses its low 13
+    mantissa bits (the vendor packs it internally, KERNELS.md).
     """
     if backend.select(x1) is backend.Backend.ASCEND:
         from ascend_ops import _npu
 
         return _npu.quant_matmul(
-            x1, x2, scale, offset=offset, pertoken_scale=pertoken_scale, bias=bias,
-            output_dtype=output_dtype, x3=x3,
+            x1,
+            x2,
+            scale,
+            offset=offset,
+            pertoken_scale=pertoken_scale,
+            bias=bias,
+            output_dtype=output_dtype,
+            x3=x3,
         )
     lead = tuple(x1.shape[:-1])
     acc = _int_mm(_as_2d(x1), x2)
     if bias is not None and bias.dtype == torch.int32:
         acc = acc + bias
-    y = acc.float() * _dequant_scale_f32(scale).reshape(1, -1)
+    out_dtype = output_dtype or w8a8_output_dtype(scale)
+    if scale.dtype == torch.float32 and pertoken_scale is None and out_dtype != torch.bfloat16:
+        # The vendor packs such a scale with npu_trans_quant_param internally (KERNELS.md).
+        s32 = truncate_scale(scale)
+    else:
+        s32 = _dequant_scale_f32(scale)
+    y = acc.float() * s32.reshape(1, -1)
     if pertoken_scale is not None:
         y = y * pertoken_scale.reshape(-1, 1).float()
     if bias is not None and bias.dtype != torch.int32:
         y = y + bias.float()
-    out_dtype = output_dtype or w8a8_output_dtype(scale)
     if out_dtype == torch.int8:
         if offset is not None:
             y = y + offset.float().reshape(1, -1)
@@ -348,7 +372,12 @@ def mm_local(
     """
     if x1.dtype == torch.int8:
         return quant_matmul(
-            x1, x2, dequant_scale, pertoken_scale=pertoken_scale, bias=bias, x3=x3,
+            x1,
+            x2,
+            dequant_scale,
+            pertoken_scale=pertoken_scale,
+            bias=bias,
+            x3=x3,
             output_dtype=w8a8_output_dtype(dequant_scale),
         )
     if x2.dtype == torch.int8:
