@@ -1,0 +1,234 @@
+"""The Ascend backend: thin adapters from our kernel API to torch_npu's vendor kernels.
+
+Every function imports torch_npu through ``backend.npu_module()`` (lazy; a process without a
+working torch_npu gets ``NpuNotAvailableError``) and translates our conventions to the
+vendor's (KERNELS.md, CONTRACT.md):
+
+- ``npu_weight_quant_batchmatmul`` takes a 2-D x, a scale / offset in x's dtype and a bias in
+  fp16 for fp16 x but fp32 for bf16 x; x is flattened to 2-D and the output reshaped back.
+- ``npu_quant_matmul`` defaults to int8 output, so the output dtype is always passed (our
+  default: the W8A8 dtype table, bf16 for a bf16 scale, else fp16); scales are passed 1-D, and
+  x1 is flattened so that ``pertoken_scale`` is ``[b*s]`` as in the fused op.
+- Neither vendor helper takes ``x3``: it is added here after the call, in fp32, with a second
+  rounding to the output dtype (the fused op itself adds x3 inside the kernel).
+- ``npu_quantize`` takes its output dtype as ``torch.qint8``; in div_mode its zero points must
+  be int8 / uint8 / int32 / bf16, so float zero points are passed as int32 when integral, as
+  bf16 when exactly representable, and rejected otherwise.
+- The FP local matmul has no vendor helper: it is torch.matmul / torch.addmm on the NPU tensors
+  (torch_npu's aten kernels, fp32 accumulation in the cube unit), x3 added afterwards.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ascend_ops import backend
+from ascend_ops.kernels import w8a8_output_dtype
+
+__all__ = [
+    "dynamic_quant",
+    "fp_matmul",
+    "hcom_name",
+    "mm_all_reduce_base",
+    "quant_matmul",
+    "quantize",
+    "weight_quant_matmul",
+]
+
+_FUSED_KWARGS = frozenset(
+    {
+        "reduce_op",
+        "bias",
+        "antiquant_scale",
+        "antiquant_offset",
+        "x3",
+        "dequant_scale",
+        "pertoken_scale",
+        "comm_quant_scale_1",
+        "comm_quant_scale_2",
+        "comm_turn",
+        "antiquant_group_size",
+    }
+)
+
+
+def _add_x3(y: torch.Tensor, x3: torch.Tensor | None) -> torch.Tensor:
+    """``y + x3`` in fp32, rounded to y's dtype (x3 reshaped to y's shape)."""
+    if x3 is None:
+        return y
+    return (y.float() + x3.reshape(y.shape).float()).to(y.dtype)
+
+
+def mm_all_reduce_base(
+    x1: torch.Tensor, x2: torch.Tensor, hcom: str, **kwargs: Any
+) -> torch.Tensor:
+    """``torch_npu.npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)``, keyword-only options as in
+    the vendor signature (reduce_op, bias, antiquant_scale, antiquant_offset, x3,
+    dequant_scale, pertoken_scale, comm_quant_scale_1/2, comm_turn, antiquant_group_size).
+
+    The arguments are passed unchanged: the caller has validated them against CONTRACT.md
+    (including Q9: a float32 dequant_scale without pertoken_scale is packed beforehand).
+    """
+    unknown = set(kwargs) - _FUSED_KWARGS
+    if unknown:
+        raise TypeError(f"mm_all_reduce_base: unexpected keyword arguments {sorted(unknown)}")
+    return backend.npu_module().npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)
+
+
+_hcom_cache: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def hcom_name(group: dist.ProcessGroup, rank: int) -> str:
+    """HCCL communicator name of ``group`` as the vendor example obtains it:
+    ``group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)``.
+
+    ``rank`` is passed through unchanged (the vendor doc asks for the global rank id). Cached
+    per (group, rank); the cache holds the group weakly.
+    """
+    backend.npu_module()  # a clear NpuNotAvailableError rather than a missing "npu" backend
+    per_group = _hcom_cache.setdefault(group, {})
+    name = per_group.get(rank)
+    if name is None:
+        name = group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
+        per_group[rank] = name
+    return name
+
+
+def weight_quant_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    antiquant_scale: torch.Tensor,
+    antiquant_offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    antiquant_group_size: int,
+    x3: torch.Tensor | None,
+) -> torch.Tensor:
+    """W8A16 via ``torch_npu.npu_weight_quant_batchmatmul``.
+
+    x: (m, k) / (b, s, k) fp16/bf16; weight: (k, n) int8, ND or NZ. Scale / offset are cast to
+    x's dtype; bias to fp16 (fp16 x) or fp32 (bf16 x). x3 is added after the call (fp32, second
+    rounding). Returns x's shape with n last, x's dtype.
+    """
+    npu = backend.npu_module()
+    dt = x.dtype
+    if bias is not None:
+        bias = bias.to(torch.float16 if dt == torch.float16 else torch.float32)
+    y = npu.npu_weight_quant_batchmatmul(
+        x.reshape(-1, x.shape[-1]),
+        weight,
+        antiquant_scale.to(dt),
+        antiquant_offset=None if antiquant_offset is None else antiquant_offset.to(dt),
+        bias=bias,
+        antiquant_group_size=antiquant_group_size,
+    )
+    return _add_x3(y, x3).reshape(*x.shape[:-1], y.shape[-1])
+
+
+def quant_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    scale: torch.Tensor,
+    *,
+    offset: torch.Tensor | None = None,
+    pertoken_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    output_dtype: torch.dtype | None = None,
+    x3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """W8A8 via ``torch_npu.npu_quant_matmul``.
+
+    x1: (m, k) / (b, s, k) int8 (flattened to 2-D for the call); x2: (k, n) int8, ND or NZ;
+    scale: int64 / float32 / bf16, passed 1-D; offset: float32 1-D (int8 output only);
+    pertoken_scale: float32 [m] / [b*s]. output_dtype: default by the W8A8 dtype table (the
+    vendor's own default would be int8). x3 is added after the call (fp32, second rounding).
+    """
+    npu = backend.npu_module()
+    out_dtype = output_dtype or w8a8_output_dtype(scale)
+    y = npu.npu_quant_matmul(
+        x1.reshape(-1, x1.shape[-1]),
+        x2,
+        scale.reshape(-1),
+        offset=None if offset is None else offset.float().reshape(-1),
+        pertoken_scale=None if pertoken_scale is None else pertoken_scale.float().reshape(-1),
+        bias=bias,
+        output_dtype=out_dtype,
+    )
+    if x3 is not None and out_dtype != torch.int8:
+        y = _add_x3(y, x3)
+    return y.reshape(*x1.shape[:-1], y.shape[-1])
+
+
+def _zero_points_for_div_mode(zp: torch.Tensor) -> torch.Tensor:
+    if zp.dtype in (torch.int8, torch.uint8, torch.int32, torch.bfloat16):
+        return zp
+    if not zp.is_floating_point():
+        return zp.to(torch.int32)
+    if bool((zp == torch.round(zp)).all()):
+        return zp.to(torch.int32)
+    as_bf16 = zp.to(torch.bfloat16)
+    if bool((as_bf16.to(zp.dtype) == zp).all()):
+        return as_bf16
+    raise ValueError(
+        "zero_points: npu_quantize (div_mode=True) takes int8/uint8/int32/bf16 zero points; "
+        f"these {zp.dtype} values are neither integral nor exact in bf16"
+    )
+
+
+def quantize(
+    input: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    axis: int,
+    div_mode: bool,
+) -> torch.Tensor:
+    """Static int8 quantization via ``torch_npu.npu_quantize(..., torch.qint8, axis, div_mode)``.
+
+    div_mode: scales as float32 (bf16 kept), zero points converted as the module docstring says.
+    Not div_mode: zero points cast to the scales' dtype and shape, as the vendor requires.
+    Returns int8 of input's shape.
+    """
+    npu = backend.npu_module()
+    if div_mode:
+        if scales.dtype not in (torch.float32, torch.bfloat16):
+            scales = scales.float()
+        if zero_points is not None:
+            zero_points = _zero_points_for_div_mode(zero_points)
+    elif zero_points is not None:
+        zero_points = zero_points.to(scales.dtype).reshape(scales.shape)
+    return npu.npu_quantize(input, scales, zero_points, torch.qint8, axis, div_mode)
+
+
+def dynamic_quant(
+    input: torch.Tensor, smooth_scales: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 via ``torch_npu.npu_dynamic_quant`` -> (int8 input-shaped, float32
+    input.shape[:-1]); smooth_scales is cast to input's dtype (the vendor requires it)."""
+    npu = backend.npu_module()
+    if smooth_scales is not None:
+        smooth_scales = smooth_scales.to(input.dtype)
+    y, scale = npu.npu_dynamic_quant(input, smooth_scales=smooth_scales)
+    return y, scale
+
+
+def fp_matmul(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    x3: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FP local ``x1 @ x2 + bias + x3`` on the NPU: torch.addmm / torch.matmul on the device
+    tensors (torch_npu's aten kernels), x3 added afterwards in fp32.
+
+    x1: (m, k) / (b, s, k) fp16/bf16; x2: (k, n) ND (the Atlas A2 FP matmul rejects NZ);
+    bias: (n,) x1's dtype. Returns x1's dtype.
+    """
+    backend.npu_module()
+    x2d = x1.reshape(-1, x1.shape[-1])
+    y = torch.matmul(x2d, x2) if bias is None else torch.addmm(bias.to(x1.dtype), x2d, x2)
+    return _add_x3(y, x3).reshape(*x1.shape[:-1], x2.shape[-1])
