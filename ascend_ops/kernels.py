@@ -133,7 +133,10 @@ def dequantize_weight(
 # bench/kernels_switch.py (median of 5, bf16, 2 threads, AVX2-only AMD EPYC, shared machine),
 # k = n = 4096, int8pack vs dequant + fp32 GEMM, ms: m=1: 1.2 vs 76 (vs 40 with a bf16 GEMM),
 # m=64: 27 vs 76, m=128: 69 vs 113, m=256: 141 vs 157, m=384: 208 vs 182. So the int8 kernel
-# wins up to ~300 rows; full results in bench/results/kernels_switch.txt.
+# wins up to ~300 rows at 4096 x 4096. Smaller k moves the switch down (k=1024, n=4096: ties
+# between m=64 and m=256, noisy), k=11008 n=4096 favours int8pack at least to m=64 (184 vs
+# 946). Full tables in bench/results/kernels_switch.txt; re-measure on other hosts (with
+# native bf16 GEMM, e.g. AMX, the dequant + bf16 GEMM path gets much faster).
 W8A16_INT8PACK_MAX_M = 256
 
 
