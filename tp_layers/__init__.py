@@ -13,6 +13,7 @@ from tp_layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
+from tp_layers.loader import CheckpointError, LoadReport, load_weights
 from tp_layers.methods import method_for
 from tp_layers.phase import (
     Phase,
@@ -24,7 +25,10 @@ from tp_layers.phase import (
 )
 
 __all__ = [
+    "CheckpointError",
     "ColumnParallelLinear",
+    "LoadReport",
+    "load_weights",
     "MergedColumnParallelLinear",
     "ParallelLinearBase",
     "Phase",
