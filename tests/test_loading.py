@@ -192,7 +192,7 @@ BAD = {
 def test_failed_load_is_atomic_and_names_the_tensor(tmp_path: Path, case: str) -> None:
     import tp_layers as tl
 
-    block, tensors = _loaded_block(tmp_path)
+    block, _ = _loaded_block(tmp_path)
     before = _snapshot(block)
     x = make_input((2, 3, K), seed=1)
     y0 = block(x)
