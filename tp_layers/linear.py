@@ -31,7 +31,31 @@ __all__ = [
     "ParallelLinearBase",
     "QKVParallelLinear",
     "RowParallelLinear",
+    "path_counts",
+    "reset_path_counts",
 ]
+
+# Instrumentation: how many RowParallelLinear forwards took each path since the last reset, so
+# examples / tests can show which one ran: "fused" (prefill: one mm_all_reduce_base call),
+# "unfused" (decode: local matmul, then all_reduce), "local" (TP 1 or reduce_results=False: no
+# communication). Not updated while torch.compile traces (no graph side effects).
+_PATH_COUNTS: dict[str, int] = {"fused": 0, "unfused": 0, "local": 0}
+
+
+def path_counts() -> dict[str, int]:
+    """Copy of the RowParallelLinear path counters: {"fused", "unfused", "local"} -> calls."""
+    return dict(_PATH_COUNTS)
+
+
+def reset_path_counts() -> None:
+    """Zero the RowParallelLinear path counters."""
+    for key in _PATH_COUNTS:
+        _PATH_COUNTS[key] = 0
+
+
+def _count_path(path: str) -> None:
+    if not torch.compiler.is_compiling():
+        _PATH_COUNTS[path] += 1
 
 
 def _divide(total: int, parts: int, what: str, where: str) -> int:
@@ -449,11 +473,13 @@ class RowParallelLinear(ParallelLinearBase):
                 f"{self.where}: residual must be {(*x.shape[:-1], self.output_size)} {self.params_dtype}, got {tuple(residual.shape)} {residual.dtype}"
             )
         if self.tp.size == 1 or not self.reduce_results:
+            _count_path("local")
             prep = self.method.prepare(self, x, owner, skip, False)
             y = kernels.mm_local(
                 prep.x1, self.weight, x3=residual if owner else None, **prep.kwargs
             )
         elif infer_phase(x) is Phase.PREFILL:
+            _count_path("fused")
             prep = self.method.prepare(self, x, owner, skip, True)
             x3 = residual if owner else None
             if prep.post_bias is not None:
@@ -463,6 +489,7 @@ class RowParallelLinear(ParallelLinearBase):
                 prep.x1, self.weight, self.tp.hcom, x3=x3, **prep.kwargs
             )
         else:
+            _count_path("unfused")
             prep = self.method.prepare(self, x, owner, True, False)
             y = ascend_ops.all_reduce(
                 kernels.mm_local(prep.x1, self.weight, **prep.kwargs), self.tp.hcom, inplace=True
