@@ -12,6 +12,8 @@ from tp_layers.linear import (
     ParallelLinearBase,
     QKVParallelLinear,
     RowParallelLinear,
+    path_counts,
+    reset_path_counts,
 )
 from tp_layers.loader import CheckpointError, LoadReport, load_weights
 from tp_layers.methods import method_for
@@ -39,8 +41,24 @@ __all__ = [
     "get_tp",
     "infer_phase",
     "init_tp",
+    "load_pretrained",
     "method_for",
+    "parallelize",
+    "path_counts",
     "phase",
     "prefill_threshold",
+    "reset_path_counts",
     "set_prefill_threshold",
 ]
+
+# The transformers adapter (tp_layers.hf) imports transformers: exported lazily, so that
+# ``import tp_layers`` works without it.
+_HF_EXPORTS = ("parallelize", "load_pretrained")
+
+
+def __getattr__(name: str):
+    if name in _HF_EXPORTS:
+        from tp_layers import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'tp_layers' has no attribute {name!r}")
