@@ -180,8 +180,13 @@ def check_mm_all_reduce_base(
             ("x3", x3),
             ("antiquant_scale", antiquant_scale),
             ("antiquant_offset", antiquant_offset),
+            ("dequant_scale", dequant_scale),
+            ("pertoken_scale", pertoken_scale),
+            ("comm_quant_scale_1", comm_quant_scale_1),
+            ("comm_quant_scale_2", comm_quant_scale_2),
         ):
-            if t is not None and t.requires_grad:
+            # non-tensors are left to their own rule's type check below
+            if isinstance(t, torch.Tensor) and t.requires_grad:
                 raise _err(
                     ValueError,
                     name,

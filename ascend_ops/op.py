@@ -156,9 +156,10 @@ def mm_all_reduce_base(
     one rank only for a row-parallel layer. Every CONTRACT.md rule is checked before any work;
     violations raise TypeError / ValueError naming the argument and the rule id.
     """
-    ascend = backend.select(x1) is backend.Backend.ASCEND
+    # non-tensor x1 / x2 reach the validation (C1 / C2 TypeError), not an AttributeError here
+    ascend = backend.select(x1 if isinstance(x1, torch.Tensor) else None) is backend.Backend.ASCEND
     x2_format = None
-    if ascend:
+    if ascend and isinstance(x2, torch.Tensor):
         from ascend_ops import layout
 
         x2_format = layout.get_format(x2)

@@ -94,7 +94,9 @@ def build(c: Case) -> dict:
 
 
 def k_slice(k: int, rank: int, ws: int, align: int = 1) -> slice:
-    """Rank's contiguous k range (equal split; k must divide by ws*align)."""
+    """Rank's contiguous k range (equal split; k must divide by ws*align unless ws == 1)."""
+    if ws == 1:
+        return slice(0, k)
     assert k % (ws * align) == 0, (k, ws, align)
     step = k // ws
     return slice(rank * step, (rank + 1) * step)
@@ -118,7 +120,7 @@ def shard(t: dict, rank: int, ws: int) -> tuple[torch.Tensor, torch.Tensor, dict
             v = t[name]
             if name.startswith("antiquant") and t["group"]:
                 g = t["group"]
-                v = v[sl.start // g : sl.stop // g]
+                v = v[sl.start // g : -(-sl.stop // g)]  # a last partial group stays
             kw[name] = v.contiguous()
     if rank == 0:
         for name in ("bias", "x3"):
