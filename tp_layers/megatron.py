@@ -258,6 +258,14 @@ class _MegatronLinearMixin(ParallelLinearBase):
             self.unprocess()
         for name, p in params.items():
             t = tensors[name]
+            if t.is_floating_point() != p.raw_dtype.is_floating_point or (
+                not p.raw_dtype.is_floating_point and t.dtype != p.raw_dtype
+            ):
+                raise ValueError(
+                    f"{self.where}.{name}: dtype must be {p.raw_dtype}"
+                    f"{' (or another float dtype)' if p.raw_dtype.is_floating_point else ''}, "
+                    f"got {t.dtype}"
+                )
             if tuple(t.shape) != tuple(p.raw_shape):
                 raise ValueError(
                     f"{self.where}.{name}: local shape must be {list(p.raw_shape)}, "
@@ -311,7 +319,7 @@ class _MegatronLinearMixin(ParallelLinearBase):
         # A float weight is Megatron's shard (quantized on load if the scheme is quantized);
         # anything else is the scheme's own tensors, as _save_to_state_dict wrote them.
         megatron = weight is not None and weight.is_floating_point()
-        needed = ["weight", "bias"] if megatron and self.has_bias else ["weight"]
+        needed = ["weight", "bias"] if self.has_bias else ["weight"]
         absent = [n for n in (needed if megatron or weight is None else params) if n not in own]
         if absent:
             missing_keys.extend(prefix + n for n in absent)
@@ -362,14 +370,26 @@ def _base_kwargs(
     prefix: str,
 ) -> dict[str, Any]:
     group = _resolve_tp_group(tp_group, is_expert)
-    device = torch.device("cpu") if config.use_cpu_initialization else torch.get_default_device()
     return {
         "quant": quant if quant is not None else cls.quant,
         "tp": TPContext.from_group(group),
         "params_dtype": config.params_dtype,
         "prefix": prefix,
-        "device": device,
+        "device": _model_device(config),
     }
+
+
+def _model_device(config: ModelParallelConfig) -> torch.device:
+    """Where Megatron would put the parameters: the CPU with ``use_cpu_initialization``, else
+    the current accelerator (CUDA, or an NPU with torch_npu loaded), else the default device."""
+    if config.use_cpu_initialization:
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    npu = getattr(torch, "npu", None)  # present only once torch_npu is imported
+    if npu is not None and npu.is_available():
+        return torch.device("npu", npu.current_device())
+    return torch.get_default_device()
 
 
 class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
