@@ -171,6 +171,10 @@ def _int8pack_ok(
         and x2d.device.type == "cpu"
         and x2d.dtype == torch.bfloat16
         and weight.dim() == 2
+        # the CPU kernel reads k in blocks of 8: other k give garbage or crash (measured: k in
+        # {1, 3, 12, 33} fail, multiples of 8 are exact)
+        and weight.shape[0] % 8 == 0
+        and weight.shape[0] > 1
         and weight.t().is_contiguous()
         and antiquant_scale.numel() in (1, weight.shape[1])
     )

@@ -6,13 +6,10 @@ quantized communication; at world size 1 in-process and on 2 gloo ranks."""
 
 from __future__ import annotations
 
-import dataclasses
-
-import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from mp_harness import RankError, run_ranks
+from mp_harness import run_ranks
 from op_cases import Case, build, reference64, shard, tolerance
 
 import ascend_ops as ao
@@ -74,22 +71,6 @@ def cases(draw: st.DrawFn, ws: int = 1) -> Case:
     )
 
 
-def _hits_int8pack_bug(case: Case, nk_view: bool) -> bool:
-    """KNOWN BUG (kernels.py, reported): the W8A16 fast path ``torch._weight_int8pack_mm`` is
-    taken (bf16, no offset, per-tensor/channel scale, ``x2.t()`` contiguous: an (n, k) view, or
-    k == 1 or n == 1) without requiring k % 8 == 0; the CPU kernel then returns garbage or
-    segfaults. Excluded here so the suite keeps running; test_int8pack_fast_path_odd_k below
-    reproduces it (strict xfail: it fails loudly once the bug is fixed)."""
-    return (
-        case.scenario == "w8a16"
-        and case.dtype == BF
-        and not case.offset
-        and case.scale != "group"
-        and (nk_view or case.k == 1 or case.n == 1)
-        and case.k % 8 != 0
-    )
-
-
 def _worst(case: Case, rank: int, ws: int, nk_view: bool = False) -> float:
     t = build(case)
     x1, x2, kw = shard(t, rank, ws)
@@ -110,7 +91,6 @@ def _worst(case: Case, rank: int, ws: int, nk_view: bool = False) -> float:
 @settings(max_examples=200)
 @given(case=cases(), nk_view=st.booleans())
 def test_matches_reference_world_size_one(case: Case, nk_view: bool) -> None:
-    assume(not _hits_int8pack_bug(case, nk_view))
     _worst(case, 0, 1, nk_view)
 
 
@@ -121,8 +101,6 @@ def _rank_body(rank: int, ws: int, case: Case, nk_view: bool) -> float:
 @settings(max_examples=25)
 @given(case=cases(ws=2), nk_view=st.booleans())
 def test_matches_reference_two_ranks(case: Case, nk_view: bool) -> None:
-    k_rank = case.k // 2
-    assume(not _hits_int8pack_bug(dataclasses.replace(case, k=k_rank), nk_view))
     worst = run_ranks(2, _rank_body, case, nk_view, timeout=60)
     assert len(worst) == 2
 
@@ -132,11 +110,7 @@ def _odd_k_body(rank: int, ws: int) -> None:
         _worst(Case("w8a16", BF, m=m, k=k, n=n, scale="channel"), rank, ws, nk_view)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RankError, TimeoutError),
-    reason="kernels._int8pack_ok lacks k % 8 == 0: torch._weight_int8pack_mm returns garbage "
-    "or segfaults for odd k (run in a worker process so a segfault cannot kill pytest)",
-)
 def test_int8pack_fast_path_odd_k() -> None:
+    """torch._weight_int8pack_mm returns garbage or crashes unless k % 8 == 0: the fast path
+    must not be taken there (run in a worker so a crash cannot kill pytest)."""
     run_ranks(1, _odd_k_body, timeout=60)
