@@ -91,12 +91,13 @@ def hcom_name(group: dist.ProcessGroup, rank: int) -> str:
     ``rank`` is passed through unchanged (the vendor doc asks for the global rank id). Cached
     per (group, rank); the cache holds the group weakly.
     """
-    backend.npu_module()  # a clear NpuNotAvailableError rather than a missing "npu" backend
+    mod = backend.npu_module()  # a clear NpuNotAvailableError rather than a missing "npu" backend
     per_group = _hcom_cache.setdefault(group, {})
-    name = per_group.get(rank)
+    key = (rank, id(mod))  # a re-imported torch_npu (or a new test double) asks again
+    name = per_group.get(key)
     if name is None:
         name = group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
-        per_group[rank] = name
+        per_group[key] = name
     return name
 
 

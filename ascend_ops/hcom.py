@@ -39,7 +39,8 @@ def hcom_name(group: dist.ProcessGroup | None = None) -> str:
     if backend.forced() is backend.Backend.ASCEND or _has_npu_backend(group):
         from ascend_ops import _npu
 
-        name = _npu.hcom_name(group, dist.get_rank(group))
+        # the vendor doc of get_hccl_comm_name: the rank passed is the GLOBAL rank id
+        name = _npu.hcom_name(group, dist.get_rank())
     else:
         name = group.group_name
     _groups[name] = group
