@@ -351,8 +351,19 @@ def _head_dim(attn: nn.Module) -> int | None:
     return _int_attr(attn, ("head_dim", "head_size", "attention_head_size"))
 
 
+def _materialize(layer: ParallelLinearBase) -> None:
+    """Replace meta parameters by empty CPU ones (same attributes). ``param.data = cpu`` is
+    refused for a meta parameter, so the weight_loader cannot do it in place."""
+    for pname, p in layer.checkpoint_params().items():
+        if p.device.type == "meta":
+            new = nn.Parameter(torch.empty(p.raw_shape, dtype=p.raw_dtype), requires_grad=False)
+            new.__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_")})
+            layer._parameters[pname] = new
+
+
 def _load_full(layer: ParallelLinearBase, tensors: Mapping[str, torch.Tensor]) -> None:
     """Load full checkpoint tensors into ``layer`` (each rank keeps its shard) and process."""
+    _materialize(layer)
     for pname, p in layer.checkpoint_params().items():
         t = tensors.get(pname)
         if t is None:
