@@ -79,7 +79,7 @@ def mm_all_reduce_base(
     return backend.npu_module().npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)
 
 
-_hcom_cache: weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, str]] = (
+_hcom_cache: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, str]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -92,12 +92,12 @@ def hcom_name(group: dist.ProcessGroup, rank: int) -> str:
     per (group, rank); the cache holds the group weakly.
     """
     mod = backend.npu_module()  # a clear NpuNotAvailableError rather than a missing "npu" backend
-    per_group = _hcom_cache.setdefault(group, {})
-    key = (rank, id(mod))  # a re-imported torch_npu (or a new test double) asks again
-    name = per_group.get(key)
+    # per torch_npu module object: a re-imported torch_npu (or a new test double) asks again
+    per_group = _hcom_cache.setdefault(mod, weakref.WeakKeyDictionary()).setdefault(group, {})
+    name = per_group.get(rank)
     if name is None:
         name = group._get_backend(torch.device("npu")).get_hccl_comm_name(rank)
-        per_group[key] = name
+        per_group[rank] = name
     return name
 
 

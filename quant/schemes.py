@@ -144,9 +144,12 @@ class FP(Scheme):
     ) -> list[TensorSpec]:
         _check_nk(n, k)
         _check_model_dtype(model_dtype)
-        specs = [TensorSpec("weight", (n, k), model_dtype)]
+        # a float checkpoint may be stored in another float dtype than the model runs in
+        # (e.g. bf16 weights loaded into an fp32 model): loaders cast.
+        alt = tuple(d for d in _FLOAT_DTYPES if d != model_dtype)
+        specs = [TensorSpec("weight", (n, k), model_dtype, True, (), alt)]
         if bias:
-            specs.append(TensorSpec("bias", (n,), model_dtype))
+            specs.append(TensorSpec("bias", (n,), model_dtype, True, (), alt))
         return specs
 
 

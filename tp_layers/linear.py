@@ -186,11 +186,15 @@ class ParallelLinearBase(nn.Module):
         name = next(n for n, q in self.checkpoint_params().items() if q is param)
         if self._processed:
             self.unprocess()
-        dest = param.data
-        if dest.device.type == "meta":
-            dest = torch.empty(param.raw_shape, dtype=param.raw_dtype, device="cpu")
+        if param.device.type != "meta":
+            self.load_into(name, param.data, loaded, shard_id)
+            return
+        # a meta parameter cannot take CPU data in place: replace it, keeping its attributes
+        dest = torch.empty(param.raw_shape, dtype=param.raw_dtype, device="cpu")
         self.load_into(name, dest, loaded, shard_id)
-        param.data = dest
+        new = nn.Parameter(dest, requires_grad=False)
+        new.__dict__.update(param.__dict__)
+        self._parameters[name] = new
 
     def unprocess(self) -> None:
         """Drop processed tensors: every parameter back to an empty checkpoint-layout tensor."""
