@@ -19,9 +19,16 @@ fp16/bf16 scales. The row exchange is emulated with one all_gather of the int8 p
 rank then sums every row chunk itself): the arithmetic is exactly the reduce-scatter +
 all-gather of the kernel, only the bytes moved differ. With world size 1 the same quantize /
 requantize / dequantize chain is applied, so results do not depend on the world size's code path.
+
+Collective failures: c10d's own error for a dead or stuck peer names neither the collective nor
+the domain (gloo: "Connection reset by peer", "Timed out waiting ... for recv"). Every collective
+here runs through ``_collective``, which re-raises a RuntimeError naming the op, the hcom, this
+rank, the group's timeout and the likely cause, chained to the original error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -30,6 +37,33 @@ from ascend_ops import kernels
 from ascend_ops.hcom import resolve_hcom
 
 __all__ = ["all_reduce", "mm_all_reduce_base"]
+
+
+def _group_timeout(group: dist.ProcessGroup) -> float | None:
+    """The group's collective timeout in seconds (c10d CPU backend options), if readable."""
+    try:
+        return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    except Exception:
+        return None
+
+
+def _collective(op: str, hcom: str, group: dist.ProcessGroup, run: Callable[[], object]) -> None:
+    """Run the collective ``run()``; a c10d failure becomes a RuntimeError that names the op,
+    the communication domain, this rank and the likely cause (chained to the original)."""
+    try:
+        run()
+    except RuntimeError as e:
+        try:
+            where = f"rank {dist.get_rank(group)} of {group.size()}"
+        except Exception:
+            where = f"world size {group.size()}"
+        t = _group_timeout(group)
+        within = f" within the group's timeout of {t:g} s" if t is not None else " in time"
+        raise RuntimeError(
+            f"{op} on communication domain {hcom!r} ({where}) failed: a peer rank died or did "
+            f"not reach this collective{within} (or the ranks called different collectives); "
+            f"see the other ranks' logs. c10d error: {e}"
+        ) from e
 
 
 def _sat_int8(t: torch.Tensor) -> torch.Tensor:
@@ -64,14 +98,17 @@ def mm_all_reduce_base(
         antiquant_group_size=antiquant_group_size,
     )
     if comm_quant_scale_1 is not None:
-        return _comm_quant_all_reduce(v, group, comm_quant_scale_1, comm_quant_scale_2)
+        return _comm_quant_all_reduce(v, hcom, group, comm_quant_scale_1, comm_quant_scale_2)
     if group is not None:
-        dist.all_reduce(v, group=group)
+        _collective(
+            "mm_all_reduce_base: all_reduce", hcom, group, lambda: dist.all_reduce(v, group=group)
+        )
     return v
 
 
 def _comm_quant_all_reduce(
     v: torch.Tensor,
+    hcom: str,
     group: dist.ProcessGroup | None,
     s1: torch.Tensor,
     s2: torch.Tensor,
@@ -84,7 +121,12 @@ def _comm_quant_all_reduce(
         total = a.float()
     else:
         parts = [torch.empty_like(a) for _ in range(group.size())]
-        dist.all_gather(parts, a, group=group)
+        _collective(
+            "mm_all_reduce_base: all_gather (quantized communication)",
+            hcom,
+            group,
+            lambda: dist.all_gather(parts, a, group=group),
+        )
         total = torch.stack(parts).float().sum(0)
     r = _sat_int8(total * (s1f / s2f))
     return (r.float() * s2f).to(v.dtype).reshape(v.shape)
@@ -96,5 +138,5 @@ def all_reduce(x: torch.Tensor, hcom: str, inplace: bool = False) -> torch.Tenso
     if group is None:
         return x if inplace else x.clone()
     y = x if inplace else x.clone()
-    dist.all_reduce(y, group=group)
+    _collective("all_reduce", hcom, group, lambda: dist.all_reduce(y, group=group))
     return y
