@@ -99,7 +99,7 @@ def test_matches_element_definition(dtype: torch.dtype, shape: tuple[int, int]) 
     assert torch.equal(_bits(nd_to_nz(nd)), _bits(_loop_reference(nd)))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     k=st.integers(1, 70),
     n=st.integers(1, 70),
