@@ -235,24 +235,7 @@ def check_mm_all_reduce_base(
         if scenario is Scenario.W8A16:
             _check_w8a16(x1, k, n, antiquant_scale, antiquant_offset, antiquant_group_size)
         else:
-            for name, t in (
-                ("antiquant_scale", antiquant_scale),
-                ("antiquant_offset", antiquant_offset),
-            ):
-                if t is not None:
-                    raise _err(
-                        ValueError,
-                        name,
-                        "is only for the weight-only quant scenario (int8 x2, float x1)",
-                        "Q1" if name == "antiquant_scale" else "Q2",
-                    )
-            if antiquant_group_size != 0:
-                raise _err(
-                    ValueError,
-                    "antiquant_group_size",
-                    f"must be 0 outside the per-group W8A16 scenario, got {antiquant_group_size}",
-                    "Q3",
-                )
+            _refuse_antiquant(antiquant_scale, antiquant_offset, antiquant_group_size, "non-quant")
 
     # C6 bias
     if bias is not None:
@@ -342,6 +325,27 @@ def check_mm_all_reduce_base(
 def _same_device(name: str, t: torch.Tensor, x1: torch.Tensor, rule: str) -> None:
     if t.device != x1.device:
         raise _err(ValueError, name, f"must be on x1's device {x1.device}, got {t.device}", rule)
+
+
+def _refuse_antiquant(
+    scale: torch.Tensor | None, offset: torch.Tensor | None, g: object, scenario: str
+) -> None:
+    """Q1-Q3: the antiquant arguments belong to the W8A16 scenario only."""
+    for name, t, rule in (("antiquant_scale", scale, "Q1"), ("antiquant_offset", offset, "Q2")):
+        if t is not None:
+            raise _err(
+                ValueError,
+                name,
+                "is only for the weight-only quant scenario (int8 x2, float x1)",
+                rule,
+            )
+    if g != 0:
+        raise _err(
+            ValueError,
+            "antiquant_group_size",
+            f"must be 0 in the {scenario} scenario, got {g}",
+            "Q3",
+        )
 
 
 def _check_group_size(g: object, k: int) -> None:
@@ -440,21 +444,7 @@ def _check_w8a8(
     antiquant_offset: torch.Tensor | None,
     g: int,
 ) -> torch.dtype:
-    for name, t in (("antiquant_scale", antiquant_scale), ("antiquant_offset", antiquant_offset)):
-        if t is not None:
-            raise _err(
-                ValueError,
-                name,
-                "is only for the weight-only quant scenario (int8 x2, float x1)",
-                "Q1" if name == "antiquant_scale" else "Q2",
-            )
-    if g != 0:
-        raise _err(
-            ValueError,
-            "antiquant_group_size",
-            f"must be 0 in the full-quant scenario, got {g}",
-            "Q3",
-        )
+    _refuse_antiquant(antiquant_scale, antiquant_offset, g, "full-quant")
     if k > QUANT_DIM_MAX:
         raise _err(ValueError, "x1", f"k = {k} exceeds [1, 65535] in the full-quant scenario", "Q7")
     if n > QUANT_DIM_MAX and not _is_transposed_nk(x2):
