@@ -272,18 +272,30 @@ def _patched_get_backend(self: dist.ProcessGroup, device: Any) -> Any:
 
 
 def _ensure_npu_device_name() -> None:
+    """Rename privateuse1 to "npu" (as torch_npu does) and give it a device module.
+
+    Both are irreversible per process. The real torch_npu registers ``torch.npu``; without one,
+    torch.accelerator (hence every later torch.compile in the process) fails on the renamed
+    backend. The module registered here reports no device: the double's tensors live on CPU.
+    """
     name = torch._C._get_privateuse1_backend_name()
-    if name == "npu":
-        return
-    if name != "privateuseone":
-        raise RuntimeError(f"privateuse1 backend already renamed to {name!r}; cannot use 'npu'")
-    torch.utils.rename_privateuse1_backend("npu")
+    if name != "npu":
+        if name != "privateuseone":
+            raise RuntimeError(f"privateuse1 backend already renamed to {name!r}; cannot use 'npu'")
+        torch.utils.rename_privateuse1_backend("npu")
+    if not hasattr(torch, "npu"):
+        stub = types.ModuleType("torch.npu")
+        stub.is_available = lambda: False  # type: ignore[attr-defined]
+        stub.device_count = lambda: 0  # type: ignore[attr-defined]
+        torch.npu = stub  # type: ignore[attr-defined]
 
 
 def _patch_process_group() -> None:
     global _ORIG_GET_BACKEND
     if _ORIG_GET_BACKEND is None:
-        _ORIG_GET_BACKEND = dist.ProcessGroup._get_backend
+        # the class __dict__ entry (pybind's instancemethod), not the attribute: restoring an
+        # attribute fetched from the class would lose the binding of ``self``
+        _ORIG_GET_BACKEND = dist.ProcessGroup.__dict__["_get_backend"]
         dist.ProcessGroup._get_backend = _patched_get_backend  # type: ignore[method-assign]
 
 

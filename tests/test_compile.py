@@ -10,8 +10,6 @@ Inductor compiles are slow on 2 cores, so it compiles one function (all scenario
 
 from __future__ import annotations
 
-import types
-
 import pytest
 import torch
 from mp_harness import run_ranks
@@ -22,19 +20,6 @@ from ascend_ops import trans_quant_param
 BF = torch.bfloat16
 K, N, G = 96, 24, 32
 MS = (3, 5, 9, 17)
-
-
-@pytest.fixture(autouse=True)
-def _no_stale_npu_accelerator(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The torch_npu double renames the privateuse1 backend to "npu" (irreversible per
-    process) but registers no ``torch.npu`` module, after which dynamo's
-    ``torch.accelerator.is_available()`` raises. When a test of the same process installed the
-    double earlier, stand in the module the real torch_npu registers, reporting no device."""
-    if torch._C._get_privateuse1_backend_name() == "npu" and not hasattr(torch, "npu"):
-        stub = types.ModuleType("torch.npu")
-        stub.is_available = lambda: False  # type: ignore[attr-defined]
-        stub.device_count = lambda: 0  # type: ignore[attr-defined]
-        monkeypatch.setattr(torch, "npu", stub, raising=False)
 
 
 class CountingBackend:
