@@ -13,7 +13,7 @@ from ascend_ops.kernels import (
     quantize,
     weight_quant_matmul,
 )
-from ascend_ops.op import all_reduce, mm_all_reduce_base
+from ascend_ops.op import all_gather, all_reduce, mm_all_reduce_base
 from ascend_ops.quant_param import trans_quant_param, unpack_quant_param
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
     "NpuNotAvailableError",
     "OpSpec",
     "Scenario",
+    "all_gather",
     "all_reduce",
     "check_mm_all_reduce_base",
     "dequantize_weight",

@@ -140,3 +140,14 @@ def all_reduce(x: torch.Tensor, hcom: str, inplace: bool = False) -> torch.Tenso
     y = x if inplace else x.clone()
     _collective("all_reduce", hcom, group, lambda: dist.all_reduce(y, group=group))
     return y
+
+
+def all_gather_last_dim(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """(..., n) on every rank -> (..., n * world_size) in rank order (copy for world size 1)."""
+    group = resolve_hcom(hcom)
+    if group is None:
+        return x.clone()
+    x = x.contiguous()
+    parts = [torch.empty_like(x) for _ in range(group.size())]
+    _collective("all_gather", hcom, group, lambda: dist.all_gather(parts, x, group=group))
+    return torch.cat(parts, dim=-1)

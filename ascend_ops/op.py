@@ -13,7 +13,7 @@ import torch
 from ascend_ops import _portable, backend
 from ascend_ops._validate import check_mm_all_reduce_base
 
-__all__ = ["all_reduce", "mm_all_reduce_base"]
+__all__ = ["all_gather", "all_reduce", "mm_all_reduce_base"]
 
 
 def _impl(
@@ -224,3 +224,29 @@ def all_reduce(x: torch.Tensor, hcom: str, *, inplace: bool = False) -> torch.Te
     if torch.compiler.is_compiling():
         return _all_reduce_op(x, hcom)
     return _portable.all_reduce(x, hcom, inplace=inplace)
+
+
+@torch.library.custom_op("ascend_ops::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    return _portable.all_gather_last_dim(x, hcom)
+
+
+@_all_gather_op.register_fake
+def _all_gather_fake(x, hcom):
+    from ascend_ops.hcom import resolve_hcom
+
+    group = resolve_hcom(hcom)  # metadata only: the group's size
+    ws = 1 if group is None else group.size()
+    return x.new_empty((*x.shape[:-1], x.shape[-1] * ws))
+
+
+def all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """Concatenate ``x`` (..., n) from every rank of ``hcom`` along the last dim, in rank order:
+    (..., n * world_size). Used by column-parallel layers with ``gather_output=True``."""
+    if not isinstance(hcom, str) or not hcom:
+        raise TypeError(
+            f"hcom: must be a non-empty communication-domain name (str), got {hcom!r} (C4)"
+        )
+    if torch.compiler.is_compiling():
+        return _all_gather_op(x, hcom)
+    return _portable.all_gather_last_dim(x, hcom)
