@@ -17,7 +17,8 @@ Precision, per scenario (the portable backend is the golden reference for the fu
   (``prepare_w8a16_weight``), bf16 x and m <= ``W8A16_INT8PACK_MAX_M`` use
   ``torch._weight_int8pack_mm``, which skips the rounding of ``w * scale`` to dt (see
   ``weight_quant_matmul`` for the bound on the difference).
-- W8A8: int8 x int8 products accumulated exactly in int32 (``torch._int_mm``), int32 bias added
+- W8A8: int8 x int8 products accumulated exactly in int32 (``torch._int_mm``; on CPU above
+  ``W8A8_INT_MM_MAX_M`` rows exact float32 GEMMs on k-chunks of 1024), int32 bias added
   to the accumulator, then ``acc * dequant_scale [* pertoken_scale]`` in float32, ``+ x3`` in
   float32, one rounding to the output dtype. An int64/uint64 dequant scale is unpacked
   bit-exactly (the float32 scale with its low 13 mantissa bits cleared).
@@ -35,6 +36,7 @@ from ascend_ops.quant_param import truncate_scale, unpack_quant_param
 
 __all__ = [
     "W8A16_INT8PACK_MAX_M",
+    "W8A8_INT_MM_MAX_M",
     "dequantize_weight",
     "dynamic_quant",
     "fp_matmul",
@@ -218,7 +220,10 @@ def weight_quant_matmul(
     x2d = _as_2d(x)
     if _int8pack_ok(x2d, weight, antiquant_scale, antiquant_offset, antiquant_group_size):
         n = weight.shape[1]
-        scale = antiquant_scale.to(x.dtype).reshape(-1).expand(n).contiguous()
+        scale = antiquant_scale
+        if scale.dtype != x.dtype or scale.dim() != 1 or scale.shape[0] != n:
+            # per-tensor / [1, n] / other dtype; the layers pass a prepared [n] scale as is
+            scale = scale.to(x.dtype).reshape(-1).expand(n).contiguous()
         y = torch._weight_int8pack_mm(x2d.contiguous(), weight.t(), scale)
         if bias is None and x3 is None:
             return y.reshape(*x.shape[:-1], n)
@@ -228,9 +233,34 @@ def weight_quant_matmul(
     return fp_matmul(x, w, bias, x3)
 
 
+# Largest m for which the portable W8A8 matmul uses torch._int_mm; above it, the exact fp32 GEMM
+# on k-chunks of _EXACT_F32_K. On this AVX2 CPU torch._int_mm is a slow reference kernel: with
+# the op benchmark's shapes it took 23 s for m=128, k=2048, n=4096 (python -m bench op, TP=2,
+# 1 thread; 0.1 s for the fp32 GEMM). Switch point, measured for issue 9 (2 threads, shared
+# AVX2 host, k = n = 4096, (n, k) weight storage, median ms of 3), _int_mm vs the fp32 k-chunk
+# GEMM incl. its per-call weight upcast: m=1: 16 vs 67, m=4: 80 vs 128, m=8: 156 vs 119,
+# m=16: 190 vs 173. ``python -m bench kernels`` tracks the W8A8 layer time against bf16.
+W8A8_INT_MM_MAX_M = 6
+# Every partial sum of <= 1024 int8 x int8 products is an integer of magnitude <= 1024 * 128 *
+# 128 = 2^24, hence exact in float32 whatever the summation order.
+_EXACT_F32_K = 1024
+
+
 def _int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact int8 (m, k) @ int8 (k, n) -> int32."""
-    return torch._int_mm(a.contiguous(), b)
+    """Exact int8 (m, k) @ int8 (k, n) -> int32 (wrapping like an int32 accumulator).
+
+    CPU with m > W8A8_INT_MM_MAX_M: float32 GEMMs over k-chunks of 1024 (each exact, see
+    _EXACT_F32_K), converted to int32 and summed; otherwise torch._int_mm."""
+    if a.device.type != "cpu" or a.shape[0] <= W8A8_INT_MM_MAX_M:
+        return torch._int_mm(a.contiguous(), b)
+    k = a.shape[1]
+    af, bf = a.float(), b.float()
+    acc: torch.Tensor | None = None
+    for s in range(0, k, _EXACT_F32_K):
+        part = torch.mm(af[:, s : s + _EXACT_F32_K], bf[s : s + _EXACT_F32_K]).to(torch.int32)
+        acc = part if acc is None else acc.add_(part)
+    assert acc is not None
+    return acc
 
 
 def _dequant_scale_f32(scale: torch.Tensor) -> torch.Tensor:

@@ -374,3 +374,19 @@ def test_fp_matmul_fp16_and_fp32() -> None:
     assert torch.allclose(got32.double(), x.double() @ w.double() + bias.double(), atol=1e-5)
     got16 = fp_matmul(x.half(), w.half(), bias.half())
     _assert_within_ulp(got16, x.half().double() @ w.half().double() + bias.half().double())
+
+
+def test_int_mm_cpu_chunked_path_is_exact() -> None:
+    """Above W8A8_INT_MM_MAX_M rows the CPU int8 GEMM runs as fp32 GEMMs on k-chunks of 1024:
+    still exact int32, including the worst case (all -128: partial sums of exactly 2^24)."""
+    from ascend_ops import kernels as K
+
+    g = torch.Generator().manual_seed(3)
+    m, k, n = K.W8A8_INT_MM_MAX_M + 3, 2 * 1024 + 37, 33
+    a = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).t()
+    a[0] = -128
+    b[:, 0] = -128
+    ref = (a.long() @ b.long()).to(torch.int32)
+    assert torch.equal(K._int_mm(a, b), ref)
+    assert torch.equal(K._int_mm(a[:1], b), ref[:1])
