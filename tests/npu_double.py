@@ -287,6 +287,8 @@ def _ensure_npu_device_name() -> None:
         stub = types.ModuleType("torch.npu")
         stub.is_available = lambda: False  # type: ignore[attr-defined]
         stub.device_count = lambda: 0  # type: ignore[attr-defined]
+        stub._is_in_bad_fork = lambda: False  # type: ignore[attr-defined]
+        stub.manual_seed_all = lambda seed: None  # type: ignore[attr-defined]
         torch.npu = stub  # type: ignore[attr-defined]
 
 
