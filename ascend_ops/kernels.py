@@ -52,7 +52,13 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def _as_2d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(-1, x.shape[-1])
+    # no reshape call for a 2-D x: every avoided tensor op is ~1 us of per-call overhead
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+
+
+def _unflatten(y: torch.Tensor, lead: tuple[int, ...]) -> torch.Tensor:
+    """(m, n) -> lead + (n,) (no op for a 2-D input)."""
+    return y if len(lead) == 1 else y.reshape(*lead, y.shape[-1])
 
 
 def _finish(
@@ -61,7 +67,7 @@ def _finish(
     """acc: (m, n) float32 -> (+ x3) -> one rounding -> lead + (n,)."""
     if x3 is not None:
         acc = acc + x3.reshape(acc.shape).float()
-    return acc.to(out_dtype).reshape(*lead, acc.shape[-1])
+    return _unflatten(acc.to(out_dtype), lead)
 
 
 # Largest m for which fp_matmul keeps a bf16 GEMM; above it the operands are upcast and an fp32
@@ -85,16 +91,15 @@ def fp_matmul(
     """
     lead = tuple(x.shape[:-1])
     x2d = _as_2d(x)
-    n = w.shape[-1]
     if x.dtype == torch.bfloat16 and x2d.shape[0] <= BF16_GEMM_MAX_M:
         # One bf16 GEMM (fp32 accumulation, one rounding). addmm adds its bf16 ``input`` term
         # to the fp32 accumulator before that rounding (checked in tests/test_kernels.py), so a
         # single bf16 bias or x3 needs no upcast; bias + x3 together would need two terms.
         if x3 is None and (bias is None or bias.dtype == torch.bfloat16):
             y = torch.matmul(x2d, w) if bias is None else torch.addmm(bias, x2d, w)
-            return y.reshape(*lead, n)
+            return _unflatten(y, lead)
         if bias is None and x3 is not None and x3.dtype == torch.bfloat16:
-            return torch.addmm(x3.reshape(-1, n), x2d, w).reshape(*lead, n)
+            return _unflatten(torch.addmm(_as_2d(x3), x2d, w), lead)
     if x.dtype == torch.float32:
         acc = torch.matmul(x2d, w)
     else:
@@ -226,7 +231,7 @@ def weight_quant_matmul(
             scale = scale.to(x.dtype).reshape(-1).expand(n).contiguous()
         y = torch._weight_int8pack_mm(x2d.contiguous(), weight.t(), scale)
         if bias is None and x3 is None:
-            return y.reshape(*x.shape[:-1], n)
+            return _unflatten(y, tuple(x.shape[:-1]))
         acc = y.float() if bias is None else y.float() + bias.float()
         return _finish(acc, x.dtype, x3, tuple(x.shape[:-1]))
     w = dequantize_weight(weight, antiquant_scale, antiquant_offset, antiquant_group_size, x.dtype)
@@ -316,9 +321,13 @@ def quant_matmul(
     if scale.dtype == torch.float32 and pertoken_scale is None and out_dtype != torch.bfloat16:
         # The vendor packs such a scale with npu_trans_quant_param internally (KERNELS.md).
         s32 = truncate_scale(scale)
+    elif scale.dtype in (torch.float32, torch.bfloat16):
+        # [1] / [n] / [1, n] broadcast against (m, n); a bf16 scale is promoted to float32
+        # exactly by the multiplication itself (no separate cast per call)
+        s32 = scale
     else:
         s32 = _dequant_scale_f32(scale)
-    y = acc.float() * s32.reshape(1, -1)
+    y = acc.float() * s32
     if pertoken_scale is not None:
         y = y * pertoken_scale.reshape(-1, 1).float()
     if bias is not None and bias.dtype != torch.int32:
