@@ -182,7 +182,8 @@ def _int8pack_ok(
         # {1, 3, 12, 33} fail, multiples of 8 are exact)
         and weight.shape[0] % 8 == 0
         and weight.shape[0] > 1
-        and weight.t().is_contiguous()
+        and weight.stride(0) == 1  # the (n, k) storage of prepare_w8a16_weight, no view made
+        and weight.stride(1) == weight.shape[0]
         and antiquant_scale.numel() in (1, weight.shape[1])
     )
 
