@@ -33,10 +33,13 @@ class Phase(enum.Enum):
     DECODE = "decode"
 
 
-# Token count at or above which a 2-D (tokens, hidden) input counts as prefill. 64 is where, by
-# the overlap model of bench/overlap.py, the fused kernel's fixed cost stops dominating on Atlas
-# A2 for LLM-sized k, n; on the CPU portable backend both paths cost the same (bench/phase.py).
-DEFAULT_PREFILL_THRESHOLD = 64
+# Token count at or above which an input without an explicit phase counts as prefill. Chosen with
+# the overlap model of the fused kernel (bench/overlap.py, calibrated on the vendor's published
+# cases): the MC2 kernel splits M into 128-row-aligned chunks, so below 256 rows it cannot
+# pipeline at all (fused = serial matmul + all-reduce, no gain); from 256 rows the model predicts
+# >= 5% for the 70B down_proj at TP 2/4, and most LLM-sized layers pay from 384-1024 rows. On the
+# CPU portable backend both paths cost the same, so the Ascend figure decides.
+DEFAULT_PREFILL_THRESHOLD = 256
 
 # Plain module globals (not ContextVars) so torch.compile guards on them instead of breaking.
 _state = {"phase": None, "threshold": DEFAULT_PREFILL_THRESHOLD}
