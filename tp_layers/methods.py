@@ -134,12 +134,9 @@ class W8A16Method(LinearMethod):
             a_scale, a_offset = scale.reshape(-1).to(dt), offset.reshape(-1).to(dt)
         else:
             a_scale, a_offset = scale.t().contiguous().to(dt), offset.t().contiguous().to(dt)
-        if ascend_ops.backend.select(layer.weight) is ascend_ops.Backend.ASCEND:
-            layer.weight.data = self._weight_kn(layer, layer.nz)
-        else:
-            # CPU: keep the (n, k) storage and expose it as the (k, n) transposed view (C2 allows
-            # it): the int8pack fast path reads (n, k) with no copy (kernels.prepare_w8a16_weight).
-            layer.weight.data = kernels.prepare_w8a16_weight(layer.weight.data.t())
+        # off Ascend this is the (k, n) view of the (n, k) storage: the layout the int8pack fast
+        # path reads with no copy (kernels.prepare_w8a16_weight)
+        layer.weight.data = self._weight_kn(layer, layer.nz)
         layer.weight_scale.data = a_scale
         layer.weight_offset.data = a_offset
         layer.op_args = {
