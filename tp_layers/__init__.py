@@ -8,6 +8,7 @@ only there, so ``import tp_layers`` works without them.
 from tp_layers.context import TPContext, get_tp, init_tp
 from tp_layers.linear import (
     ColumnParallelLinear,
+    HeadReplicatedColumnLinear,
     MergedColumnParallelLinear,
     ParallelLinearBase,
     QKVParallelLinear,
@@ -29,6 +30,7 @@ from tp_layers.phase import (
 __all__ = [
     "CheckpointError",
     "ColumnParallelLinear",
+    "HeadReplicatedColumnLinear",
     "LoadReport",
     "load_weights",
     "MergedColumnParallelLinear",

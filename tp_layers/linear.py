@@ -27,6 +27,7 @@ from tp_layers.sharding import SHARD_DIM, full_shape, param_kind, read_range
 
 __all__ = [
     "ColumnParallelLinear",
+    "HeadReplicatedColumnLinear",
     "MergedColumnParallelLinear",
     "ParallelLinearBase",
     "QKVParallelLinear",
@@ -420,6 +421,48 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         if shard_id in ids:
             return ids[shard_id]
         raise ValueError(f"{self.where}: shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+
+
+class HeadReplicatedColumnLinear(ColumnParallelLinear):
+    """Column-parallel k / v projection with ``num_heads`` < TP size: every rank holds ONE whole
+    head, rank r the head ``r * num_heads // tp`` (each head replicated on ``tp / num_heads``
+    ranks, as vLLM's QKVParallelLinear does for its kv part).
+
+    Weight (num_heads * head_size, k) in the checkpoint; output (..., head_size) per rank.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        head_size: int,
+        num_heads: int,
+        bias: bool = True,
+        *,
+        tp: TPContext | None = None,
+        **kwargs: Any,
+    ) -> None:
+        tp = tp if tp is not None else get_tp()
+        where = kwargs.get("prefix") or type(self).__name__
+        if num_heads < 1 or tp.size % num_heads:
+            raise ValueError(
+                f"{where}: TP size {tp.size} must be a multiple of the number of kv heads "
+                f"{num_heads} to replicate them"
+            )
+        self.head_size = int(head_size)
+        self.total_num_heads = int(num_heads)
+        self.replicas = tp.size // num_heads
+        super().__init__(input_size, head_size * num_heads, bias, False, tp=tp, **kwargs)
+
+    def _setup_sizes(self) -> None:
+        self.output_sizes_local = [self.head_size]
+        self.output_size_local = self.head_size
+        self.input_size_local = self.input_size
+
+    def _ranges(self, p: nn.Parameter, shard_id: Any) -> list[tuple[int | None, int, int, int]]:
+        if p.tp_dim is None:
+            return [(None, 0, 0, 0)]
+        head = self.tp.rank // self.replicas
+        return [(None, head * self.head_size, self.head_size, 0)]
 
 
 class RowParallelLinear(ParallelLinearBase):
