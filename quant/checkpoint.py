@@ -34,8 +34,10 @@ Evidence for the conventions (msmodelslim's "quantized weight format" doc and vl
 - W8A8_DYNAMIC: ``weight``, ``weight_scale`` / ``weight_offset`` [n, 1] model dtype.
 - The description's global ``group_size`` is read by vllm-ascend's grouped schemes.
 
-Reading never uses pickle: only ``safetensors.safe_open``; ``get_slice`` lets loaders read a
-row/column slice of one tensor without loading the rest.
+Reading never uses pickle: only ``safetensors.safe_open`` (headers, ``get_slice`` /
+``get_tensor``) and, for loaders, ``CheckpointReader.tensor(name)``: a :class:`StoredTensor` that
+reads a range of one tensor with positional file reads (``os.preadv``) straight into the
+caller's tensor, at offsets taken from the safetensors header (no mmap, no intermediate copy).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -62,7 +64,9 @@ __all__ = [
     "INDEX_FILE",
     "CheckpointReader",
     "CheckpointWriter",
+    "StoredTensor",
     "TensorInfo",
+    "dtype_from_safetensors",
     "parse_size",
 ]
 
@@ -88,6 +92,15 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+def dtype_from_safetensors(name: str) -> torch.dtype:
+    """torch dtype of a safetensors dtype name (``"BF16"`` -> ``torch.bfloat16``)."""
+    try:
+        return _ST_DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported safetensors dtype {name}") from None
 
 
 def parse_size(text: str | int) -> int:
@@ -103,12 +116,14 @@ def parse_size(text: str | int) -> int:
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Metadata of one stored tensor (no data read)."""
+    """Metadata of one stored tensor (no data read). ``offset``: absolute byte offset of its
+    data in ``file`` (from the safetensors header; -1 if unknown)."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int = -1
 
     @property
     def nbytes(self) -> int:
@@ -139,9 +154,11 @@ class CheckpointReader:
                 raise ValueError(f"{desc_path}: expected a JSON object")
         self._files = self._find_files()
         self._handles: dict[Path, Any] = {}
+        self._fds: dict[Path, int] = {}
         self._infos: dict[str, TensorInfo] = {}
         for file in self._files:
-            with safe_open(file, framework="pt") as f:
+            with safe_open(file, framework="pt") as f:  # validates header, sizes and offsets
+                offsets = _data_offsets(file)
                 for name in f.keys():  # noqa: SIM118 - safe_open has no __iter__
                     if name in self._infos:
                         raise ValueError(f"tensor {name!r} stored twice ({file.name})")
@@ -149,7 +166,12 @@ class CheckpointReader:
                     dtype = _ST_DTYPES.get(sl.get_dtype())
                     if dtype is None:
                         raise ValueError(f"{file.name}: {name}: unsupported dtype {sl.get_dtype()}")
-                    self._infos[name] = TensorInfo(name, tuple(sl.get_shape()), dtype, file)
+                    info = TensorInfo(
+                        name, tuple(sl.get_shape()), dtype, file, offsets.get(name, -1)
+                    )
+                    if info.offset < 0:
+                        raise ValueError(f"{file.name}: {name}: no data offsets in the header")
+                    self._infos[name] = info
         index = self.path / INDEX_FILE
         if index.is_file():
             with open(index, encoding="utf-8") as f:
@@ -278,14 +300,245 @@ class CheckpointReader:
         """One whole tensor."""
         return self._handle(self.info(name).file).get_tensor(name)
 
+    def tensor(self, name: str, on_read: Callable[[int], None] | None = None) -> StoredTensor:
+        """A :class:`StoredTensor`: reads ranges of ``name`` with positional reads straight
+        into caller memory. ``on_read(nbytes)`` is called after every read with the bytes
+        delivered."""
+        return StoredTensor(self.info(name), self, on_read)
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fds[file] = fd
+        return fd
+
     def close(self) -> None:
         self._handles.clear()
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
 
     def __enter__(self) -> CheckpointReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _data_offsets(file: Path) -> dict[str, int]:
+    """Absolute byte offset of every tensor's data in a safetensors file, from its header
+    (8-byte little-endian header length, then JSON ``{name: {"data_offsets": [begin, end]}}``,
+    offsets relative to the end of the header)."""
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{file.name}: incomplete safetensors header")
+        n = int.from_bytes(head, "little")
+        header = json.loads(f.read(n))
+    if not isinstance(header, dict):
+        raise ValueError(f"{file.name}: the safetensors header is not a JSON object")
+    return {
+        k: 8 + n + int(v["data_offsets"][0])
+        for k, v in header.items()
+        if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v
+    }
+
+
+_SCRATCH_BYTES = 8 << 20  # bound of the temporary buffer of a converting read
+_IOV_MAX = 1024  # Linux's UIO_MAXIOV: buffers per preadv call
+
+
+class StoredTensor:
+    """One tensor of a safetensors file, read with positional file reads (``os.preadv``) into
+    the caller's memory: ``read(dim, start, length, out)`` delivers ``t[..., start:start+length,
+    ...]`` (along ``dim``; everything when ``dim`` is None). Byte ranges come from the header:
+    a block of leading rows is one contiguous read; a block of columns (a slice of every row)
+    is one read per row of ``out``'s memory, or, where the skipped part of a row is at most
+    the part kept, batched ``preadv`` calls that land the rows in ``out`` and the skipped
+    bytes in a small reused buffer. A read into a tensor of another dtype (or device, or a
+    non-contiguous one) goes through a bounded scratch buffer. No mmap: nothing of the file
+    stays in this process's RSS.
+
+    Also usable like a safetensors slice: ``get_shape()``, ``get_dtype()``, ``t[a:b]``,
+    ``t[:, c:d]``.
+    """
+
+    def __init__(
+        self,
+        info: TensorInfo,
+        reader: CheckpointReader,
+        on_read: Callable[[int], None] | None = None,
+    ) -> None:
+        self.info = info
+        self.name = info.name
+        self.shape = tuple(info.shape)
+        self.dtype = info.dtype
+        self._reader = reader
+        self._on_read = on_read
+
+    def get_shape(self) -> list[int]:
+        return list(self.shape)
+
+    def get_dtype(self) -> str:
+        return _ST_NAMES[self.dtype]
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        cut = []
+        for d, ix in enumerate(idx):
+            if not isinstance(ix, slice) or d >= len(self.shape):
+                return self.read()[idx]
+            start, stop, step = ix.indices(self.shape[d])
+            if step != 1:
+                return self.read()[idx]
+            if (start, stop) != (0, self.shape[d]):
+                cut.append((d, start, max(stop - start, 0)))
+        if not cut:
+            return self.read()
+        d, start, length = cut[0]
+        t = self.read(d, start, length)
+        return t[(*idx[:d], slice(None), *idx[d + 1 :])] if len(cut) > 1 else t
+
+    def read(
+        self,
+        dim: int | None = None,
+        start: int = 0,
+        length: int | None = None,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``t[..., start:start+length, ...]`` along ``dim`` (all of ``t`` if dim is None)
+        into ``out`` (any dtype / device, same number of elements; cast on the way) or a new
+        CPU tensor of the stored dtype. Returns the tensor written. ValueError naming the
+        file on a short read (truncated file)."""
+        shape = self.shape
+        isz = self.dtype.itemsize
+        if dim is None:
+            rng_shape, outer = shape, 1
+            chunk = _numel(shape) * isz
+            stride, first = chunk, self.info.offset
+        else:
+            if not 0 <= dim < len(shape):
+                raise ValueError(f"{self.name}: dim {dim} out of range for shape {list(shape)}")
+            length = shape[dim] - start if length is None else length
+            if start < 0 or length < 0 or start + length > shape[dim]:
+                raise ValueError(
+                    f"{self.name}: range [{start}, {start + length}) out of bounds for dim {dim} "
+                    f"of shape {list(shape)}"
+                )
+            rng_shape = (*shape[:dim], length, *shape[dim + 1 :])
+            outer = _numel(shape[:dim])
+            inner = _numel(shape[dim + 1 :]) * isz
+            chunk, stride = length * inner, shape[dim] * inner
+            first = self.info.offset + start * inner
+        if out is None:
+            out = torch.empty(rng_shape, dtype=self.dtype)
+        elif out.numel() != _numel(rng_shape):
+            raise ValueError(
+                f"{self.name}: a range of shape {list(rng_shape)} does not fit a destination of "
+                f"shape {list(out.shape)}"
+            )
+        if chunk and outer:
+            if out.device.type == "cpu" and out.is_contiguous():
+                if out.dtype == self.dtype:
+                    self._read_rows(_byte_view(out), 0, outer, first, chunk, stride, 0, chunk)
+                else:
+                    self._read_cast(out, outer, first, chunk, stride)
+            else:
+                tmp = torch.empty(out.shape, dtype=out.dtype)
+                self._read_cast(tmp, outer, first, chunk, stride)
+                out.copy_(tmp)
+        if self._on_read is not None:
+            self._on_read(outer * chunk)
+        return out
+
+    def _read_cast(
+        self, out: torch.Tensor, outer: int, first: int, chunk: int, stride: int
+    ) -> None:
+        """Read into a contiguous CPU ``out`` of another dtype through <= _SCRATCH_BYTES blocks."""
+        isz = self.dtype.itemsize
+        flat = out.view(-1)
+        per_row = chunk // isz
+        if out.dtype == self.dtype:
+            self._read_rows(_byte_view(out), 0, outer, first, chunk, stride, 0, chunk)
+        elif chunk <= _SCRATCH_BYTES:
+            rows = max(1, _SCRATCH_BYTES // chunk)
+            for o0 in range(0, outer, rows):
+                o1 = min(outer, o0 + rows)
+                tmp = torch.empty((o1 - o0) * per_row, dtype=self.dtype)
+                self._read_rows(_byte_view(tmp), o0, o1, first, chunk, stride, 0, chunk)
+                flat[o0 * per_row : o1 * per_row].copy_(tmp)
+        else:
+            step = _SCRATCH_BYTES - _SCRATCH_BYTES % isz
+            tmp = torch.empty(step // isz, dtype=self.dtype)
+            for o in range(outer):
+                for c0 in range(0, chunk, step):
+                    cb = min(step, chunk - c0)
+                    part = tmp[: cb // isz]
+                    self._read_rows(_byte_view(part), o, o + 1, first, chunk, stride, c0, cb)
+                    e0 = o * per_row + c0 // isz
+                    flat[e0 : e0 + cb // isz].copy_(part)
+
+    def _read_rows(
+        self,
+        buf: memoryview,
+        o0: int,
+        o1: int,
+        first: int,
+        chunk: int,
+        stride: int,
+        c0: int,
+        cb: int,
+    ) -> None:
+        """Bytes [c0, c0+cb) of the ``chunk``-byte row pieces o0..o1 (``stride`` apart, the
+        first at file offset ``first``), packed into ``buf``."""
+        fd = self._reader._fd(self.info.file)
+        n = o1 - o0
+        base = first + o0 * stride + c0
+        if n == 1 or cb == stride:  # one contiguous range
+            self._pread(fd, buf[: n * cb], base)
+            return
+        gap = stride - cb
+        if gap <= cb:  # skipped bytes <= kept ones: batch rows + gaps per preadv
+            junk = memoryview(bytearray(gap))
+            per_call = (_IOV_MAX + 1) // 2
+            for r0 in range(0, n, per_call):
+                r1 = min(n, r0 + per_call)
+                iov: list[memoryview] = []
+                for r in range(r0, r1):
+                    iov.append(buf[r * cb : (r + 1) * cb])
+                    iov.append(junk)
+                iov.pop()
+                want = (r1 - r0) * cb + (r1 - r0 - 1) * gap
+                if os.preadv(fd, iov, base + r0 * stride) != want:  # short: retry row by row
+                    for r in range(r0, r1):
+                        self._pread(fd, buf[r * cb : (r + 1) * cb], base + r * stride)
+            return
+        for r in range(n):
+            self._pread(fd, buf[r * cb : (r + 1) * cb], base + r * stride)
+
+    def _pread(self, fd: int, buf: memoryview, offset: int) -> None:
+        while len(buf):
+            got = os.preadv(fd, [buf], offset)
+            if got <= 0:
+                raise ValueError(
+                    f"{self.info.file.name}: {self.name}: unexpected end of file at byte "
+                    f"{offset} (truncated file?)"
+                )
+            buf, offset = buf[got:], offset + got
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    """Writable memoryview of the bytes of a contiguous CPU tensor (any dtype, bf16 included)."""
+    flat = t.as_strided((t.numel(),), (1,))  # contiguous: size-1 dims may have any stride
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
 class CheckpointWriter:

@@ -112,3 +112,58 @@ def test_reader_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="safetensors"):
         CheckpointReader(tmp_path / "empty")
+
+
+def test_stored_tensor_reads_ranges_straight_into_the_destination(tmp_path, monkeypatch):
+    """StoredTensor.read = slicing, for every dim / range shape (contiguous, strided with small
+    and with large gaps, batched over several preadv calls), into new tensors, into
+    destinations of the same dtype, of another dtype (bounded scratch) and non-contiguous ones;
+    usable as a safetensors slice; a truncated file is a ValueError naming it."""
+    from safetensors.torch import save_file
+
+    import quant.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_SCRATCH_BYTES", 64)  # force multi-block converting reads
+    monkeypatch.setattr(ck, "_IOV_MAX", 7)  # force several preadv batches
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "a": torch.randn(37, 24, generator=g).bfloat16(),
+        "b": torch.randint(-128, 127, (3, 5, 16), generator=g, dtype=torch.int8),
+        "c": torch.randint(0, 2**40, (11,), generator=g),
+        "s": torch.tensor(2.5),
+    }
+    tmp_path.mkdir(exist_ok=True)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    counted = []
+    with CheckpointReader(tmp_path) as r:
+        for name, full in tensors.items():
+            st = r.tensor(name, on_read=counted.append)
+            assert st.get_shape() == list(full.shape)
+            assert torch.equal(st.read(), full)
+            for dim in range(full.dim()):
+                size = full.shape[dim]
+                for start, length in ((0, size), (0, 1), (1, size - 2), (size // 2, size // 2)):
+                    ref = full.narrow(dim, start, length)
+                    assert torch.equal(st.read(dim, start, length), ref), (name, dim, start)
+                    out = torch.empty(ref.shape, dtype=full.dtype)
+                    assert st.read(dim, start, length, out=out) is out
+                    assert torch.equal(out, ref)
+                    if full.is_floating_point():
+                        out32 = torch.empty(ref.shape, dtype=torch.float32)
+                        st.read(dim, start, length, out=out32)
+                        assert torch.equal(out32, ref.float())
+                    big = torch.zeros((*ref.shape, 2), dtype=full.dtype)
+                    st.read(dim, start, length, out=big[..., 1])  # non-contiguous destination
+                    assert torch.equal(big[..., 1], ref) and not big[..., 0].any()
+        assert torch.equal(r.tensor("a")[:, 3:9], tensors["a"][:, 3:9])
+        assert torch.equal(r.tensor("b")[1:3, :, 2:4], tensors["b"][1:3, :, 2:4])
+        assert torch.equal(r.tensor("a")[5:7], tensors["a"][5:7])
+        assert counted[0] == tensors["a"].numel() * 2 and all(n >= 0 for n in counted)
+        with pytest.raises(ValueError, match="out of bounds"):
+            r.tensor("a").read(0, 30, 10)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    with CheckpointReader(tmp_path) as r:
+        header_end = 8 + int.from_bytes(data[:8], "little")
+        (tmp_path / "model.safetensors").write_bytes(data[: header_end + 10])
+        with pytest.raises(ValueError, match=r"model\.safetensors.*end of file"):
+            r.tensor("a").read()

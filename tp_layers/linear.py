@@ -23,7 +23,7 @@ from tp_layers.comm import gather_last_dim, split_last_dim
 from tp_layers.context import TPContext, get_tp
 from tp_layers.methods import method_for
 from tp_layers.phase import Phase, infer_phase
-from tp_layers.sharding import SHARD_DIM, full_shape, param_kind, read_range
+from tp_layers.sharding import SHARD_DIM, full_shape, param_kind, read_range, source_dtype
 
 __all__ = [
     "ColumnParallelLinear",
@@ -161,21 +161,25 @@ class ParallelLinearBase(nn.Module):
                 f"{' or '.join(str(list(s)) for s in allowed)}"
                 + (f" (shard {shard_id!r})" if shard_id is not None else "")
             )
+        stored = source_dtype(loaded)
+        if stored not in p.spec.allowed_dtypes():
+            raise ValueError(
+                f"{label}: checkpoint dtype {stored} does not match the expected "
+                f"{' or '.join(str(d) for d in p.spec.allowed_dtypes())}"
+            )
         for _seg, src, length, dst in self._ranges(p, shard_id):
+            target = dest if p.tp_dim is None else dest.narrow(p.tp_dim, dst, length)
+            if name == "weight" or name == "bias":  # no value checks: read (+ cast) in place
+                read_range(loaded, p.tp_dim, src, length, out=target)
+                continue
             part = read_range(loaded, p.tp_dim, src, length)
-            if part.dtype not in p.spec.allowed_dtypes():
-                raise ValueError(
-                    f"{label}: checkpoint dtype {part.dtype} does not match the expected "
-                    f"{' or '.join(str(d) for d in p.spec.allowed_dtypes())}"
-                )
             if name == "deq_scale" and part.dtype == torch.int64:
                 part = deq_scale_to_float32(part)
-            if part.is_floating_point() and name != "weight" and name != "bias":
+            if part.is_floating_point():
                 if not bool(torch.isfinite(part).all()):
                     raise ValueError(f"{label}: contains NaN or inf")
                 if name in ("weight_scale", "deq_scale", "input_scale") and bool((part == 0).any()):
                     raise ValueError(f"{label}: contains a zero scale")
-            target = dest if p.tp_dim is None else dest.narrow(p.tp_dim, dst, length)
             target.copy_(part.reshape(target.shape).to(p.raw_dtype))
 
     def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:

@@ -1,6 +1,8 @@
 """The sharding rules: one table saying, per layer kind and parameter kind, which checkpoint dim
 is split across ranks (None = replicated), and the helpers that take a rank's slice from a full
-tensor or a lazy safetensors slice (``safe_open(...).get_slice``) without reading the rest.
+tensor, a lazy safetensors slice (``safe_open(...).get_slice``) or a
+:class:`quant.checkpoint.StoredTensor` (positional reads straight into the destination) without
+reading the rest.
 
 Checkpoint layout is (n, k) for weights (out_features, in_features), as in nn.Linear.
 """
@@ -11,7 +13,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["SHARD_DIM", "full_shape", "param_kind", "read_range"]
+from quant.checkpoint import StoredTensor, dtype_from_safetensors
+
+__all__ = ["SHARD_DIM", "full_shape", "param_kind", "read_range", "source_dtype"]
 
 # (parallel style, parameter kind) -> checkpoint dim split across ranks, None = replicated.
 SHARD_DIM: dict[tuple[str, str], int | None] = {
@@ -48,18 +52,36 @@ def full_shape(loaded: Any) -> tuple[int, ...]:
     return tuple(loaded.get_shape())
 
 
-def read_range(loaded: Any, dim: int | None, start: int, length: int) -> torch.Tensor:
+def source_dtype(loaded: Any) -> torch.dtype:
+    """Stored dtype of a torch tensor, a StoredTensor or a lazy safetensors slice (no read)."""
+    if isinstance(loaded, (torch.Tensor, StoredTensor)):
+        return loaded.dtype
+    return dtype_from_safetensors(loaded.get_dtype())
+
+
+def read_range(
+    loaded: Any, dim: int | None, start: int, length: int, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``loaded[..., start:start+length, ...]`` along ``dim`` (everything when dim is None).
 
-    For a safetensors slice only the requested rows/columns are read from disk.
+    For a safetensors slice or a StoredTensor only the requested rows/columns are read from
+    disk. With ``out`` (same number of elements; cast to its dtype) the range is written there
+    and ``out`` returned: a StoredTensor reads straight into it, without an intermediate tensor.
     """
+    if isinstance(loaded, StoredTensor):
+        return loaded.read(dim, start, length, out=out)
     shape = full_shape(loaded)
     if dim is None:
-        return (
+        part = (
             loaded
             if isinstance(loaded, torch.Tensor)
             else loaded[tuple(slice(None) for _ in shape)]
         )
-    idx = [slice(None)] * len(shape)
-    idx[dim] = slice(start, start + length)
-    return loaded[tuple(idx)]
+    else:
+        idx = [slice(None)] * len(shape)
+        idx[dim] = slice(start, start + length)
+        part = loaded[tuple(idx)]
+    if out is None:
+        return part
+    out.copy_(part.reshape(out.shape))
+    return out
