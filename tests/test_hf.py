@@ -305,3 +305,47 @@ def test_import_tp_layers_without_transformers() -> None:
         "else:\n    raise SystemExit('parallelize imported without transformers')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+MORE_ARCHS = {
+    "qwen3": lambda kw: transformers.Qwen3Config(num_key_value_heads=2, head_dim=16, **kw),
+    "gemma2": lambda kw: transformers.Gemma2Config(num_key_value_heads=2, head_dim=16, **kw),
+    "phi3": lambda kw: transformers.Phi3Config(
+        num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw
+    ),
+    "olmo2": lambda kw: transformers.Olmo2Config(num_key_value_heads=2, **kw),
+    "starcoder2": lambda kw: transformers.Starcoder2Config(num_key_value_heads=2, **kw),
+}
+
+
+def _more_archs_body(rank: int, ws: int) -> dict[str, float]:
+    import tp_layers
+
+    kw = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+    )
+    diffs = {}
+    for name, mk in MORE_ARCHS.items():
+        torch.manual_seed(0)
+        ref = transformers.AutoModelForCausalLM.from_config(mk(dict(kw)), dtype=torch.float32)
+        ref.eval()
+        model = tp_layers.parallelize(copy.deepcopy(ref))
+        ids = _ids()
+        with torch.no_grad():
+            diffs[name] = (ref(ids).logits - model(ids).logits).abs().max().item()
+            want = ref.generate(ids, max_new_tokens=8, do_sample=False)
+            got = model.generate(ids, max_new_tokens=8, do_sample=False)
+        assert torch.equal(want, got), name
+        assert diffs[name] <= ATOL, (name, diffs[name])
+    return diffs
+
+
+def test_more_architectures_at_tp2() -> None:
+    """Qwen3 (per-head q/k norms), Gemma2 (soft-capping), Phi3 (packed qkv / gate_up), OLMo2
+    (q/k norms over the full projection), Starcoder2 (biases, GELU MLP) by their own plans."""
+    run_ranks(2, _more_archs_body)
