@@ -3,12 +3,14 @@
 
     torchrun --nproc-per-node 2 examples/quantize_and_generate.py
     python examples/quantize_and_generate.py --max-new-tokens 16
+    python examples/quantize_and_generate.py --schemes w8a8 --smooth      # + smoothed W8A8
 
 Rank 0 quantizes with ``quant.quantize_checkpoint`` (what ``python -m quant`` runs) into
 ``<model>-<scheme>`` beside the model directory (kept for the next run; ``--force`` redoes it).
 Static W8A8 is calibrated on a few prompts: a calib file with their ``input_ids`` (+
 ``attention_mask``), which the converter runs through the float model to record every linear
-layer's input range. Every checkpoint is then loaded with ``tp_layers.load_pretrained`` (this
+layer's input range. ``--smooth [ALPHA]`` adds a static W8A8 checkpoint with outlier smoothing
+(``quantize_checkpoint(..., smooth=ALPHA)``, dir ``<model>-w8a8_smooth<ALPHA>``). Every checkpoint is then loaded with ``tp_layers.load_pretrained`` (this
 rank's shards only), and two numbers are reported against the float model at the same TP size:
 
 - token agreement: greedy ``generate`` from the prompt, fraction of the new tokens equal to the
@@ -66,23 +68,37 @@ def write_calib(tok, path: Path) -> None:
     )
 
 
-def quantize_all(model_dir: Path, tok, force: bool) -> dict[str, Path]:
-    """Rank 0: ``<model>-<scheme>`` for every scheme (reused when present)."""
+def runs(smooth: float | None) -> dict[str, tuple[Scheme, float | None]]:
+    """Row name -> (scheme, smoothing alpha); the smoothed row only with --smooth."""
+    out: dict[str, tuple[Scheme, float | None]] = {n: (s, None) for n, s in SCHEMES.items()}
+    if smooth is not None:
+        out[f"w8a8_smooth{smooth:g}"] = (SCHEMES["w8a8"], smooth)
+    return out
+
+
+def quantize_all(
+    model_dir: Path, tok, force: bool, todo: dict[str, tuple[Scheme, float | None]]
+) -> dict[str, Path]:
+    """Rank 0: ``<model>-<name>`` for every run (reused when present)."""
     outs = {}
     calib = model_dir.parent / f"{model_dir.name}-calib.safetensors"
-    for name, scheme in SCHEMES.items():
+    calib_written = False
+    for name, (scheme, smooth) in todo.items():
         out = model_dir.parent / f"{model_dir.name}-{name}"
         outs[name] = out
         if out.is_dir() and not force:
             continue
-        if name == "w8a8" and (force or not calib.is_file()):
+        static = isinstance(scheme, W8A8) and not scheme.dynamic
+        if static and not calib_written and (force or not calib.is_file()):
             write_calib(tok, calib)
+            calib_written = True
         t0 = time.perf_counter()
         res = quantize_checkpoint(
             str(model_dir),
             str(out),
             scheme,
-            calib=str(calib) if name == "w8a8" else None,
+            calib=str(calib) if static else None,
+            smooth=smooth,
             force=True,
             progress=False,
         )
@@ -110,7 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--schemes", nargs="*", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--force", action="store_true", help="re-quantize existing outputs")
+    p.add_argument(
+        "--smooth",
+        nargs="?",
+        type=float,
+        const=0.5,
+        default=None,
+        metavar="ALPHA",
+        help="also run static W8A8 with outlier smoothing (alpha, default 0.5)",
+    )
     args = p.parse_args(argv)
+    todo = {n: v for n, v in runs(args.smooth).items() if n in args.schemes or v[1] is not None}
 
     import transformers
 
@@ -121,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if tp.rank == 0:
         print(f"model: {model_kind(args.model)}; TP size {tp.size}", flush=True)
-        dirs = quantize_all(args.model, tok, args.force)
+        dirs = quantize_all(args.model, tok, args.force, todo)
     else:
-        dirs = {name: args.model.parent / f"{args.model.name}-{name}" for name in SCHEMES}
+        dirs = {name: args.model.parent / f"{args.model.name}-{name}" for name in todo}
     if tp.size > 1:
         dist.barrier()  # the other ranks wait for rank 0's checkpoints
 
@@ -135,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         flogits = fmodel(seq).logits.float()[0, ids.shape[1] - 1 : -1]  # predicts ftokens
     del fmodel
     rows = [("float", 1.0, None, 0.0, 1.0, tok.decode(ftokens, skip_special_tokens=True))]
-    for name in args.schemes:
+    for name in todo:
         model = tp_layers.load_pretrained(dirs[name], tp, dtype=torch.bfloat16)
         qtokens = run(model, ids, args.max_new_tokens, pad)
         with torch.no_grad():
@@ -150,16 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     if tp.rank == 0:
         print(f"\nprompt: {args.prompt!r}; {args.max_new_tokens} greedy tokens at TP {tp.size}")
         print(
-            f"{'scheme':<13} {'tokens agree':>12} {'1st diff':>8} {'logit rel err':>13} {'top-1':>6}"
+            f"{'scheme':<17} {'tokens agree':>12} {'1st diff':>8} {'logit rel err':>13} {'top-1':>6}"
         )
         for name, agree, first, rel, top1, _ in rows:
             print(
-                f"{name:<13} {agree:>12.1%} {'-' if first is None else first:>8} "
+                f"{name:<17} {agree:>12.1%} {'-' if first is None else first:>8} "
                 f"{rel:>13.4f} {top1:>6.1%}"
             )
         print()
         for name, *_, text in rows:
-            print(f"{name:<13} {text!r}")
+            print(f"{name:<17} {text!r}")
     if tp.size > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -16,6 +16,7 @@ from quant.checkpoint import parse_size
 from quant.convert import format_report, quantize_checkpoint
 from quant.modules import DEFAULT_SKIP_PATTERNS
 from quant.schemes import W8A8, W8A16, Scheme
+from quant.smooth import SMOOTH_ARCHITECTURES
 
 __all__ = ["build_parser", "main"]
 
@@ -41,6 +42,13 @@ the default patterns {", ".join(DEFAULT_SKIP_PATTERNS)} (case-insensitive re.sea
   "M.input_min", "M.input_max": one-element tensors with an observed input range;
 or "input_ids" (int, batch x seq) [+ "attention_mask"] to run through the float model
 (needs config.json in --model and transformers).
+
+--smooth [ALPHA] divides each pre-attention / pre-MLP norm's weight by per-channel factors
+s = max|X|^ALPHA / max|W|^(1-ALPHA) and multiplies the weight columns of the linears it feeds
+(q/k/v, gate/up) by s before quantizing: the same float model, flatter activations. The norms
+are written FLOAT. Needs per-channel calib activations and a known architecture (config.json
+model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj / down_proj are not
+smoothed.
 """
 
 
@@ -83,6 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="percentile for --observer percentile (default 99.99)",
     )
     p.add_argument(
+        "--smooth",
+        nargs="?",
+        type=float,
+        const=0.5,
+        default=None,
+        metavar="ALPHA",
+        help="w8a8 only, needs --calib: SmoothQuant-style outlier smoothing (msmodelslim "
+        "anti-outlier) of the linears fed by a norm; ALPHA in [0, 1] (default 0.5). Off unless "
+        "given",
+    )
+    p.add_argument(
         "--skip",
         nargs="*",
         default=[],
@@ -109,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _scheme(args: argparse.Namespace) -> Scheme:
     if args.scheme != "w8a16" and (args.group_size or args.asymmetric):
         raise ValueError("--group-size and --asymmetric apply to --scheme w8a16 only")
+    if args.smooth is not None and args.scheme != "w8a8":
+        raise ValueError("--smooth applies to --scheme w8a8 (static) only")
+    if args.smooth is not None and not args.calib:
+        raise ValueError("--smooth needs --calib FILE (per-channel activation maxima)")
     if args.scheme == "w8a16":
         return W8A16(group_size=args.group_size, symmetric=not args.asymmetric)
     return W8A8(dynamic=args.scheme == "w8a8_dynamic")
@@ -131,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             observer=args.observer,
             percentile=args.percentile,
             model_dtype=_DTYPES[args.dtype],
+            smooth=args.smooth,
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
         )

@@ -8,6 +8,7 @@ calibration coverage for static W8A8, the output path.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -18,11 +19,18 @@ from pathlib import Path
 import torch
 
 from quant.algorithms import dequantize_linear, quantize_linear
-from quant.calibration import Calibration, load_calibration
+from quant.calibration import Calibration, load_calibration, make_observer
 from quant.checkpoint import DESCRIPTION_FILE, INDEX_FILE, CheckpointReader, CheckpointWriter
 from quant.convention import deq_scale_to_float32
 from quant.modules import QuantLinear, is_skipped
 from quant.schemes import W8A8, W8A16, Scheme
+from quant.smooth import (
+    SmoothGroup,
+    apply_smoothing,
+    find_smooth_groups,
+    group_act_absmax,
+    smooth_scales,
+)
 
 __all__ = ["ConvertResult", "LayerReport", "format_report", "quantize_checkpoint"]
 
@@ -58,13 +66,15 @@ class ConvertResult:
     scheme: str
     quantized: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
+    smoothed: list[str] = field(default_factory=list)  # norms whose output was smoothed
     shards: int = 0
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
+        smooth = f" (smoothed the inputs of {len(self.smoothed)} norms)" if self.smoothed else ""
         return (
-            f"quantized {len(self.quantized)} layers to {self.scheme}, kept "
+            f"quantized {len(self.quantized)} layers to {self.scheme}{smooth}, kept "
             f"{len(self.kept_float)} tensors FLOAT, {self.shards} shard(s) -> {self.out_dir} "
             f"in {self.seconds:.1f}s"
         )
@@ -180,6 +190,7 @@ def quantize_checkpoint(
     percentile: float = 99.99,
     act_symmetric: bool = False,
     model_dtype: torch.dtype | None = None,
+    smooth: float | None = None,
     max_shard_size: int | str = "2GB",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -193,6 +204,17 @@ def quantize_checkpoint(
     file, see ``quant.calibration``, or a loaded ``Calibration``). Side files (config.json,
     tokenizer) are copied. Raises FileNotFoundError / FileExistsError / ValueError before
     writing anything when inputs are wrong; the output appears atomically or not at all.
+
+    smooth: static W8A8 only, off by default. ``alpha`` in [0, 1] (0.5 is SmoothQuant's
+    default) turns on outlier smoothing (``quant.smooth``): for each norm -> linears group of a
+    known architecture (``config.json`` ``model_type``, see ``quant.smooth``) the norm's weight
+    (and bias) is divided by per-channel factors computed from the calib activations (which
+    must be per-channel: module activations or token ids, not only ranges) and the linears'
+    weight columns are multiplied by them before quantization; the norms are written FLOAT,
+    the activation ranges are observed on the smoothed inputs. Linears not fed by a norm
+    (o_proj, down_proj) are not smoothed. Streaming: a group's tensors are handled together
+    when the first of them comes up; its linears are read one at a time (twice: column maxima,
+    then scale + quantize), so memory stays at about one linear as without smoothing.
     """
     t0 = time.monotonic()
     if not isinstance(config, Scheme):
@@ -210,6 +232,19 @@ def quantize_checkpoint(
         raise ValueError("output directory must differ from the model directory")
     skip = tuple(skip)
     static = isinstance(config, W8A8) and not config.dynamic
+    if smooth is not None:
+        if not static:
+            raise ValueError(
+                f"smoothing applies to static W8A8 only (scheme {config.name}); "
+                "drop --smooth or use --scheme w8a8"
+            )
+        if isinstance(smooth, bool) or not 0.0 <= float(smooth) <= 1.0:
+            raise ValueError(f"smoothing alpha: must be a number in [0, 1], got {smooth!r}")
+        if calib is None:
+            raise ValueError(
+                "smoothing needs calibration activations: pass --calib FILE "
+                "(per-module activations or token ids)"
+            )
 
     with CheckpointReader(src) as reader:
         if reader.description is not None and reader.model_quant_type != "FLOAT":
@@ -260,7 +295,19 @@ def quantize_checkpoint(
                     + " (add them to the calib file or --skip them)"
                 )
 
+        groups: list[SmoothGroup] = []
+        member: dict[str, int] = {}  # tensor name -> index of its smooth group
+        if smooth is not None:
+            assert cal is not None
+            groups = _plan_smoothing(reader, src, cal)
+            for i, g in enumerate(groups):
+                for mod in (g.norm, *g.linears):
+                    for suffix in ("weight", "bias"):
+                        if f"{mod}.{suffix}" in reader:
+                            member[f"{mod}.{suffix}"] = i
+
         result = ConvertResult(out_dir=dst, scheme=config.name)
+        done: set[int] = set()
         bar = _Progress(len(reader.names()), progress)
         try:
             with CheckpointWriter(dst, max_shard_bytes=max_shard_size, force=force) as writer:
@@ -268,6 +315,26 @@ def quantize_checkpoint(
                     for info in infos:
                         name = info.name
                         module = name.rpartition(".")[0]
+                        if name in member:
+                            if member[name] not in done:
+                                done.add(member[name])
+                                _convert_group(
+                                    reader,
+                                    writer,
+                                    groups[member[name]],
+                                    float(smooth),  # type: ignore[arg-type]
+                                    layers,
+                                    config,
+                                    cal,
+                                    observer,
+                                    percentile,
+                                    act_symmetric,
+                                    model_dtype,
+                                    report,
+                                    result,
+                                )
+                            bar.update(name)
+                            continue
                         if name.endswith(".bias") and module in layers:
                             bar.update(name)  # written with its weight
                             continue
@@ -323,12 +390,26 @@ def _convert_layer(
     model_dtype: torch.dtype | None,
     report: bool,
     result: ConvertResult,
+    *,
+    smoothed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
+    """Quantize and write one layer. smoothed: (scales (k,), the group's original inputs
+    (rows, k)): the weight columns are multiplied by the scales and the activation range is
+    observed on inputs / scales."""
     weight = reader.get_tensor(f"{module}.weight")
     bias = reader.get_tensor(f"{module}.bias") if f"{module}.bias" in reader else None
     static = isinstance(config, W8A8) and not config.dynamic
-    act_range = cal.range_of(module, observer, percentile) if static and cal else None
     dt = model_dtype or weight.dtype
+    acts = cal.activations.get(module) if cal is not None else None
+    if smoothed is not None:
+        scales, group_acts = smoothed
+        weight = weight.to(torch.float32) * scales
+        acts = (group_acts if acts is None else acts) / scales
+        obs = make_observer(observer, percentile)
+        obs.update(acts)
+        act_range = obs.range()
+    else:
+        act_range = cal.range_of(module, observer, percentile) if static and cal else None
     tensors = quantize_linear(
         weight, bias, config, model_dtype=dt, act_range=act_range, act_symmetric=act_symmetric
     )
@@ -336,5 +417,102 @@ def _convert_layer(
         writer.add(f"{module}.{suffix}", t, config.name)
     result.quantized.append(module)
     if report:
-        acts = cal.activations.get(module) if cal is not None else None
         result.reports.append(layer_report(module, weight, bias, tensors, config, acts, dt))
+
+
+def _plan_smoothing(reader: CheckpointReader, src: Path, cal: Calibration) -> list[SmoothGroup]:
+    """The smooth groups of the model in ``src``, validated (shapes, calib activations)."""
+    model_type = None
+    cfg = src / "config.json"
+    if cfg.is_file():
+        try:
+            model_type = json.loads(cfg.read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"smoothing: cannot read {cfg}: {e}") from e
+    else:
+        raise ValueError(f"smoothing needs {cfg} (its model_type names the architecture)")
+    groups = find_smooth_groups(model_type, reader.names())
+    errors: list[str] = []
+    for g in groups:
+        shape = tuple(reader.info(f"{g.norm}.weight").shape)
+        ks = {tuple(reader.info(f"{m}.weight").shape)[1:] for m in g.linears}
+        if len(shape) != 1 or ks != {shape}:
+            errors.append(f"{g.norm}: weight {list(shape)} vs its linears' in_features {ks}")
+        if f"{g.norm}.bias" in reader and tuple(reader.info(f"{g.norm}.bias").shape) != shape:
+            errors.append(f"{g.norm}: bias shape differs from its weight")
+        if not any(m in cal.activations for m in g.linears):
+            errors.append(
+                f"{g.norm}: no calib activations for any of {', '.join(g.linears)} "
+                "(smoothing needs per-channel inputs, not only .input_min/.input_max ranges)"
+            )
+    if errors:
+        raise ValueError("cannot smooth:\n  " + "\n  ".join(errors[:8]))
+    return groups
+
+
+def _convert_group(
+    reader: CheckpointReader,
+    writer: CheckpointWriter,
+    group: SmoothGroup,
+    alpha: float,
+    layers: dict[str, tuple[int, int]],
+    config: Scheme,
+    cal: Calibration | None,
+    observer: str,
+    percentile: float,
+    act_symmetric: bool,
+    model_dtype: torch.dtype | None,
+    report: bool,
+    result: ConvertResult,
+) -> None:
+    """Smooth one norm -> linears group and write the norm (FLOAT) and its linears.
+
+    Reads the linears one at a time: first their column maxima, then each again to scale and
+    quantize it (bounded memory: about one linear, as without smoothing)."""
+    assert cal is not None
+    acts = next(cal.activations[m] for m in group.linears if m in cal.activations)
+    act_max = group_act_absmax(group, cal.activations)
+    assert act_max is not None
+    w_max = None
+    for m in group.linears:
+        col = reader.get_tensor(f"{m}.weight").abs().amax(dim=0).to(torch.float32)
+        w_max = col if w_max is None else torch.maximum(w_max, col)
+    assert w_max is not None
+    scales = smooth_scales(act_max, w_max, alpha)
+    norm_w = reader.get_tensor(f"{group.norm}.weight")
+    norm_b = reader.get_tensor(f"{group.norm}.bias") if f"{group.norm}.bias" in reader else None
+    new_w, new_b, eff = apply_smoothing(norm_w, norm_b, scales, model_dtype or norm_w.dtype)
+    writer.add(f"{group.norm}.weight", new_w, "FLOAT")
+    result.kept_float.append(f"{group.norm}.weight")
+    if new_b is not None:
+        writer.add(f"{group.norm}.bias", new_b, "FLOAT")
+        result.kept_float.append(f"{group.norm}.bias")
+    result.smoothed.append(group.norm)
+    for m in group.linears:
+        if m in layers:
+            _convert_layer(
+                reader,
+                writer,
+                m,
+                config,
+                cal,
+                observer,
+                percentile,
+                act_symmetric,
+                model_dtype,
+                report,
+                result,
+                smoothed=(eff, acts),
+            )
+            continue
+        # kept float (--skip): still consumes the smoothed norm, so its columns are scaled too
+        for suffix in ("weight", "bias"):
+            name = f"{m}.{suffix}"
+            if name not in reader:
+                continue
+            t = reader.get_tensor(name)
+            dt = model_dtype or t.dtype
+            if suffix == "weight":
+                t = t.to(torch.float32) * eff
+            writer.add(name, t.to(dt), "FLOAT")
+            result.kept_float.append(name)

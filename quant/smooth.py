@@ -1,0 +1,193 @@
+"""SmoothQuant-style outlier smoothing for static W8A8 (msmodelslim's "anti-outlier").
+
+A few input channels of an LLM's linear layers carry activations far larger than the rest, so
+one per-tensor activation scale wastes most of int8's range on them. Smoothing moves that range
+into the weights with an exact re-parameterisation of the float model: for a norm whose output
+``X`` (rows, k) feeds the linears ``W_1 .. W_m`` (each (n_i, k)),
+
+    s_j = max|X_:,j| ** alpha / max_i max|W_i[:, j]| ** (1 - alpha)     (j = 0 .. k-1)
+    norm.weight /= s,  norm.bias /= s,  W_i[:, j] *= s_j
+
+so ``(X / s) @ (W_i * s)^T == X @ W_i^T``; quantization then sees the flatter ``X / s``. The
+modified norm weights are written as FLOAT tensors (what msmodelslim's anti-outlier does), so
+loaders need no change. Linears whose input does not come from a norm (``o_proj``,
+``down_proj``, ...) cannot be smoothed this way and are left as they are.
+
+Which norm feeds which linears is an architecture fact, not something tensor names can prove
+(Gemma's norms multiply by ``1 + weight``, OLMo2's ``post_attention_layernorm`` is applied
+*after* the attention): ``SMOOTH_ARCHITECTURES`` lists, per ``config.json`` ``model_type``, the
+pre-norm decoder layouts known to be ``y = x_hat * weight (+ bias)`` followed by the linears;
+within such a model the groups are discovered from the tensor names
+(``<prefix>.<N>.input_layernorm`` -> ``self_attn.{q,k,v}_proj`` or fused ``qkv_proj``,
+``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` / ``gate_up_proj`` / ``c_fc``). Any
+other ``model_type`` is refused when smoothing is requested.
+
+Calibration is collected on the ORIGINAL model; a group's per-channel ``max|X_j|`` is taken
+over the recorded inputs of its linears (identical inputs, so any one suffices), and the
+per-tensor static range of each smoothed linear is then observed on ``X / s`` (the input it
+will actually see), not derived from the unsmoothed range.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "SMOOTH_ARCHITECTURES",
+    "SmoothGroup",
+    "apply_smoothing",
+    "find_smooth_groups",
+    "smooth_scales",
+]
+
+
+@dataclass(frozen=True)
+class _Rule:
+    """One norm -> linears pattern inside a decoder layer (names relative to the layer)."""
+
+    norm: str
+    alternatives: tuple[tuple[str, ...], ...]  # the first set fully present is used
+
+
+_ATTN = _Rule(
+    "input_layernorm",
+    (
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.qkv_proj",),
+    ),
+)
+_MLP = _Rule(
+    "post_attention_layernorm",
+    (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",), ("mlp.c_fc",)),
+)
+
+#: config.json ``model_type`` -> norm/linear rules of its (pre-norm) decoder layer. Only
+#: architectures whose norms compute ``x_hat * weight (+ bias)`` and feed exactly these
+#: linears belong here (verified against transformers' modeling code by
+#: tests/test_quant_smooth.py).
+SMOOTH_ARCHITECTURES: dict[str, tuple[_Rule, ...]] = {
+    "llama": (_ATTN, _MLP),
+    "mistral": (_ATTN, _MLP),
+    "qwen2": (_ATTN, _MLP),
+    "qwen3": (_ATTN, _MLP),
+    "phi3": (_ATTN, _MLP),
+    "starcoder2": (_ATTN, _MLP),
+}
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    """A norm (module name, e.g. ``model.layers.3.input_layernorm``) and the linear modules
+    that all consume its output."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[SmoothGroup]:
+    """The norm -> linears groups of a checkpoint with tensor ``names`` of architecture
+    ``model_type``. Raises ValueError for an unknown architecture, or when a norm of the
+    known layout is present but its linears are not (an unexpected variant)."""
+    rules = SMOOTH_ARCHITECTURES.get(model_type or "")
+    if rules is None:
+        raise ValueError(
+            f"smoothing: unsupported architecture model_type={model_type!r} (known: "
+            + ", ".join(sorted(SMOOTH_ARCHITECTURES))
+            + "); its norm -> linear structure is not known, so it cannot be smoothed"
+        )
+    present = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
+    groups: list[SmoothGroup] = []
+    errors: list[str] = []
+    for rule in rules:
+        pat = re.compile(r"^(.*\.)" + re.escape(rule.norm) + "$")
+        for mod in sorted(present, key=_natural):
+            m = pat.match(mod)
+            if m is None:
+                continue
+            prefix = m.group(1)
+            for alt in rule.alternatives:
+                lin = tuple(prefix + a for a in alt)
+                if all(x in present for x in lin):
+                    groups.append(SmoothGroup(mod, lin))
+                    break
+            else:
+                errors.append(
+                    f"{mod}: none of "
+                    + " | ".join("+".join(alt) for alt in rule.alternatives)
+                    + f" found under {prefix!r}"
+                )
+    if errors:
+        raise ValueError(
+            f"smoothing: unexpected {model_type} layout:\n  " + "\n  ".join(errors[:6])
+        )
+    if not groups:
+        raise ValueError(f"smoothing: no norm -> linear groups found in this {model_type} model")
+    return groups
+
+
+def _natural(s: str) -> list[object]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def smooth_scales(
+    act_absmax: torch.Tensor,
+    weight_absmax: torch.Tensor,
+    alpha: float = 0.5,
+    *,
+    eps: float = 1e-5,
+    limit: float = 1e4,
+) -> torch.Tensor:
+    """Per-input-channel factors ``s = act_absmax**alpha / weight_absmax**(1-alpha)`` (k,)
+    float32, both maxima clamped to ``>= eps``, ``s`` clamped to ``[1/limit, limit]``; a
+    channel where either maximum is 0 (never active / all-zero column) gets ``s = 1``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"smoothing alpha: must be in [0, 1], got {alpha}")
+    a = act_absmax.to(torch.float32)
+    w = weight_absmax.to(torch.float32)
+    if a.shape != w.shape or a.dim() != 1:
+        raise ValueError(f"smoothing: activation {list(a.shape)} / weight {list(w.shape)} maxima")
+    s = a.clamp_min(eps).pow(alpha) / w.clamp_min(eps).pow(1.0 - alpha)
+    s = s.clamp(1.0 / limit, limit)
+    return torch.where((a > 0) & (w > 0) & torch.isfinite(s), s, torch.ones_like(s))
+
+
+def apply_smoothing(
+    norm_weight: torch.Tensor,
+    norm_bias: torch.Tensor | None,
+    scales: torch.Tensor,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Divide a norm's weight (and bias) by ``scales`` and round to ``out_dtype`` (the stored
+    dtype). Returns (weight, bias, effective scales): the factors the linears' columns must be
+    multiplied by so that the *stored* norm times the linear equals the original exactly
+    (``w / stored_w`` where the weight is non-zero, which also absorbs the bf16/fp16 rounding of
+    the stored norm; ``scales`` elsewhere, and always when the norm has a bias)."""
+    w = norm_weight.to(torch.float32)
+    s = scales.to(torch.float32)
+    new_w = (w / s).to(out_dtype)
+    new_b = None if norm_bias is None else (norm_bias.to(torch.float32) / s).to(out_dtype)
+    eff = s
+    if norm_bias is None:
+        stored = new_w.to(torch.float32)
+        ok = (w != 0) & (stored != 0)
+        eff = torch.where(ok, w / torch.where(ok, stored, torch.ones_like(stored)), s)
+    return new_w, new_b, eff
+
+
+def group_act_absmax(
+    group: SmoothGroup, activations: Mapping[str, torch.Tensor]
+) -> torch.Tensor | None:
+    """Per-channel ``max|X|`` (k,) over the recorded inputs of the group's linears (None if
+    none of them has recorded activations)."""
+    out = None
+    for lin in group.linears:
+        x = activations.get(lin)
+        if x is None or x.numel() == 0:
+            continue
+        m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
+        out = m if out is None else torch.maximum(out, m)
+    return out
