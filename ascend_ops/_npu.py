@@ -79,9 +79,9 @@ def mm_all_reduce_base(
     return backend.npu_module().npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)
 
 
-_hcom_cache: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, str]]] = (
-    weakref.WeakKeyDictionary()
-)
+_hcom_cache: weakref.WeakKeyDictionary[
+    Any, weakref.WeakKeyDictionary[dist.ProcessGroup, dict[int, str]]
+] = weakref.WeakKeyDictionary()
 
 
 def hcom_name(group: dist.ProcessGroup, rank: int) -> str:

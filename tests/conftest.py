@@ -40,18 +40,23 @@ try:
     from hypothesis import HealthCheck, settings
 
     settings.register_profile(
-        "ci", derandomize=True, deadline=None, print_blob=True,
+        "ci",
+        derandomize=True,
+        deadline=None,
+        print_blob=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     settings.register_profile(
-        "dev", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+        "dev",
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     )
     settings.load_profile("ci" if os.environ.get("CI") else "dev")
 except ImportError:  # hypothesis is a test extra
     pass
 
 
-def pytest_sessionfinish(session, exitstatus):  # noqa: ANN001, ANN201
+def pytest_sessionfinish(session, exitstatus):
     """Shut down the spawned rank pools so the run exits promptly."""
     from mp_harness import shutdown_pools
 
