@@ -16,7 +16,7 @@ from quant.checkpoint import parse_size
 from quant.convert import format_report, quantize_checkpoint
 from quant.modules import DEFAULT_SKIP_PATTERNS
 from quant.schemes import W8A8, W8A16, Scheme
-from quant.smooth import SMOOTH_ARCHITECTURES
+from quant.smooth import DOWN_SMOOTH_ARCHITECTURES, SMOOTH_ARCHITECTURES
 
 __all__ = ["build_parser", "main"]
 
@@ -46,9 +46,11 @@ or "input_ids" (int, batch x seq) [+ "attention_mask"] to run through the float 
 --smooth [ALPHA] divides each pre-attention / pre-MLP norm's weight by per-channel factors
 s = max|X|^ALPHA / max|W|^(1-ALPHA) and multiplies the weight columns of the linears it feeds
 (q/k/v, gate/up) by s before quantizing: the same float model, flatter activations. The norms
-are written FLOAT. Needs per-channel calib activations and a known architecture (config.json
-model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj / down_proj are not
-smoothed.
+are written FLOAT. In gated MLPs (model_type {", ".join(sorted(DOWN_SMOOTH_ARCHITECTURES))})
+down_proj's inputs are smoothed too: up_proj's output rows divided by down_proj's factors, its
+columns multiplied (exact in float). Needs per-channel calib activations and a known
+architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj (and
+starcoder2's c_proj, after an ungated activation) are not smoothed.
 """
 
 
@@ -98,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="ALPHA",
         help="w8a8 only, needs --calib: SmoothQuant-style outlier smoothing (msmodelslim "
-        "anti-outlier) of the linears fed by a norm; ALPHA in [0, 1] (default 0.5). Off unless "
+        "anti-outlier) of the linears fed by a norm and of gated MLPs' down_proj; ALPHA in [0, 1] (default 0.5). Off unless "
         "given",
     )
     p.add_argument(

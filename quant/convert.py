@@ -25,10 +25,13 @@ from quant.convention import deq_scale_to_float32
 from quant.modules import QuantLinear, is_skipped
 from quant.schemes import W8A8, W8A16, Scheme
 from quant.smooth import (
+    DownSmoothGroup,
     SmoothGroup,
     apply_smoothing,
+    find_down_smooth_groups,
     find_smooth_groups,
     group_act_absmax,
+    scale_up_rows,
     smooth_scales,
 )
 
@@ -67,12 +70,16 @@ class ConvertResult:
     quantized: list[str] = field(default_factory=list)
     kept_float: list[str] = field(default_factory=list)
     smoothed: list[str] = field(default_factory=list)  # norms whose output was smoothed
+    smoothed_down: list[str] = field(default_factory=list)  # down_projs, inputs smoothed via up
     shards: int = 0
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
 
     def summary(self) -> str:
-        smooth = f" (smoothed the inputs of {len(self.smoothed)} norms)" if self.smoothed else ""
+        smooth = ""
+        if self.smoothed:
+            down = f" and {len(self.smoothed_down)} down_proj" if self.smoothed_down else ""
+            smooth = f" (smoothed the inputs of {len(self.smoothed)} norms{down})"
         return (
             f"quantized {len(self.quantized)} layers to {self.scheme}{smooth}, kept "
             f"{len(self.kept_float)} tensors FLOAT, {self.shards} shard(s) -> {self.out_dir} "
@@ -211,10 +218,13 @@ def quantize_checkpoint(
     (and bias) is divided by per-channel factors computed from the calib activations (which
     must be per-channel: module activations or token ids, not only ranges) and the linears'
     weight columns are multiplied by them before quantization; the norms are written FLOAT,
-    the activation ranges are observed on the smoothed inputs. Linears not fed by a norm
-    (o_proj, down_proj) are not smoothed. Streaming: a group's tensors are handled together
-    when the first of them comes up; its linears are read one at a time (twice: column maxima,
-    then scale + quantize), so memory stays at about one linear as without smoothing.
+    the activation ranges are observed on the smoothed inputs. In gated MLPs (llama, mistral,
+    qwen2/3, phi3) down_proj's input channels are smoothed too, through up_proj's output rows
+    (divided by down_proj's factors, whose columns are multiplied by them; exact in float);
+    o_proj and starcoder2's c_proj are not smoothed. Streaming: a group's tensors (norm, its
+    linears and, for the MLP, down_proj) are handled together when the first of them comes up;
+    its linears are read one at a time (twice: column maxima, then scale + quantize), so memory
+    stays at about one linear as without smoothing.
     """
     t0 = time.monotonic()
     if not isinstance(config, Scheme):
@@ -296,12 +306,13 @@ def quantize_checkpoint(
                 )
 
         groups: list[SmoothGroup] = []
+        downs: list[DownSmoothGroup | None] = []  # per group: the up -> down pair it carries
         member: dict[str, int] = {}  # tensor name -> index of its smooth group
         if smooth is not None:
             assert cal is not None
-            groups = _plan_smoothing(reader, src, cal)
-            for i, g in enumerate(groups):
-                for mod in (g.norm, *g.linears):
+            groups, downs = _plan_smoothing(reader, src, cal)
+            for i, (g, dg) in enumerate(zip(groups, downs, strict=True)):
+                for mod in (g.norm, *g.linears, *(() if dg is None else (dg.down,))):
                     for suffix in ("weight", "bias"):
                         if f"{mod}.{suffix}" in reader:
                             member[f"{mod}.{suffix}"] = i
@@ -322,6 +333,7 @@ def quantize_checkpoint(
                                     reader,
                                     writer,
                                     groups[member[name]],
+                                    downs[member[name]],
                                     float(smooth),  # type: ignore[arg-type]
                                     layers,
                                     config,
@@ -392,14 +404,18 @@ def _convert_layer(
     result: ConvertResult,
     *,
     smoothed: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: tuple[torch.Tensor, bool] | None = None,
 ) -> None:
     """Quantize and write one layer. smoothed: (scales (k,), the group's original inputs
     (rows, k)): the weight columns are multiplied by the scales and the activation range is
-    observed on inputs / scales."""
+    observed on inputs / scales. rows: (down_proj's factors, up_half): the output rows of this
+    up linear (weight and bias) are divided by them (``quant.smooth.scale_up_rows``)."""
     weight = reader.get_tensor(f"{module}.weight")
     bias = reader.get_tensor(f"{module}.bias") if f"{module}.bias" in reader else None
     static = isinstance(config, W8A8) and not config.dynamic
     dt = model_dtype or weight.dtype
+    if rows is not None:
+        weight, bias = scale_up_rows(weight, bias, rows[0], rows[1])
     acts = cal.activations.get(module) if cal is not None else None
     if smoothed is not None:
         scales, group_acts = smoothed
@@ -420,8 +436,11 @@ def _convert_layer(
         result.reports.append(layer_report(module, weight, bias, tensors, config, acts, dt))
 
 
-def _plan_smoothing(reader: CheckpointReader, src: Path, cal: Calibration) -> list[SmoothGroup]:
-    """The smooth groups of the model in ``src``, validated (shapes, calib activations)."""
+def _plan_smoothing(
+    reader: CheckpointReader, src: Path, cal: Calibration
+) -> tuple[list[SmoothGroup], list[DownSmoothGroup | None]]:
+    """The smooth groups of the model in ``src`` and, per group, the up -> down pair whose up
+    linear it contains (or None), validated (shapes, calib activations)."""
     model_type = None
     cfg = src / "config.json"
     if cfg.is_file():
@@ -432,7 +451,22 @@ def _plan_smoothing(reader: CheckpointReader, src: Path, cal: Calibration) -> li
     else:
         raise ValueError(f"smoothing needs {cfg} (its model_type names the architecture)")
     groups = find_smooth_groups(model_type, reader.names())
-    errors: list[str] = []
+    by_up = {d.up: d for d in find_down_smooth_groups(model_type, reader.names())}
+    downs: list[DownSmoothGroup | None] = []
+    for g in groups:
+        ds = [by_up.pop(m) for m in g.linears if m in by_up]
+        downs.append(ds[0] if ds else None)
+    errors: list[str] = [f"{d.up}: not fed by a smoothed norm" for d in by_up.values()]
+    for d in (d for d in downs if d is not None):
+        n_up = reader.info(f"{d.up}.weight").shape[0]
+        down_shape = tuple(reader.info(f"{d.down}.weight").shape)
+        if len(down_shape) != 2 or n_up != down_shape[1] * (2 if d.up_half else 1):
+            errors.append(f"{d.down}: weight {list(down_shape)} vs {d.up}'s {n_up} outputs")
+        if d.down not in cal.activations or cal.activations[d.down].numel() == 0:
+            errors.append(
+                f"{d.down}: no calib activations (smoothing needs per-channel inputs, not "
+                "only .input_min/.input_max ranges)"
+            )
     for g in groups:
         shape = tuple(reader.info(f"{g.norm}.weight").shape)
         ks = {tuple(reader.info(f"{m}.weight").shape)[1:] for m in g.linears}
@@ -447,13 +481,14 @@ def _plan_smoothing(reader: CheckpointReader, src: Path, cal: Calibration) -> li
             )
     if errors:
         raise ValueError("cannot smooth:\n  " + "\n  ".join(errors[:8]))
-    return groups
+    return groups, downs
 
 
 def _convert_group(
     reader: CheckpointReader,
     writer: CheckpointWriter,
     group: SmoothGroup,
+    down: DownSmoothGroup | None,
     alpha: float,
     layers: dict[str, tuple[int, int]],
     config: Scheme,
@@ -465,7 +500,9 @@ def _convert_group(
     report: bool,
     result: ConvertResult,
 ) -> None:
-    """Smooth one norm -> linears group and write the norm (FLOAT) and its linears.
+    """Smooth one norm -> linears group and write the norm (FLOAT) and its linears; with
+    ``down``, also smooth down_proj's input through the up linear's output rows and write
+    down_proj.
 
     Reads the linears one at a time: first their column maxima, then each again to scale and
     quantize it (bounded memory: about one linear, as without smoothing)."""
@@ -473,9 +510,21 @@ def _convert_group(
     acts = next(cal.activations[m] for m in group.linears if m in cal.activations)
     act_max = group_act_absmax(group, cal.activations)
     assert act_max is not None
+    # down_proj's factors first: they depend on down_proj alone, and the up linear's column
+    # maxima below must be those of the weight that will be quantized (rows already divided)
+    rows: tuple[torch.Tensor, bool] | None = None
+    if down is not None:
+        down_acts = cal.activations[down.down]
+        d_act = down_acts.reshape(-1, down_acts.shape[-1]).abs().amax(dim=0).to(torch.float32)
+        d_w = reader.get_tensor(f"{down.down}.weight").abs().amax(dim=0).to(torch.float32)
+        rows = (smooth_scales(d_act, d_w, alpha), down.up_half)
     w_max = None
     for m in group.linears:
-        col = reader.get_tensor(f"{m}.weight").abs().amax(dim=0).to(torch.float32)
+        w = reader.get_tensor(f"{m}.weight")
+        if down is not None and m == down.up:
+            assert rows is not None
+            w, _ = scale_up_rows(w, None, rows[0], rows[1])
+        col = w.abs().amax(dim=0).to(torch.float32)
         w_max = col if w_max is None else torch.maximum(w_max, col)
     assert w_max is not None
     scales = smooth_scales(act_max, w_max, alpha)
@@ -489,6 +538,7 @@ def _convert_group(
         result.kept_float.append(f"{group.norm}.bias")
     result.smoothed.append(group.norm)
     for m in group.linears:
+        up_rows = rows if down is not None and m == down.up else None
         if m in layers:
             _convert_layer(
                 reader,
@@ -503,16 +553,54 @@ def _convert_group(
                 report,
                 result,
                 smoothed=(eff, acts),
+                rows=up_rows,
             )
             continue
         # kept float (--skip): still consumes the smoothed norm, so its columns are scaled too
-        for suffix in ("weight", "bias"):
-            name = f"{m}.{suffix}"
-            if name not in reader:
-                continue
-            t = reader.get_tensor(name)
-            dt = model_dtype or t.dtype
-            if suffix == "weight":
-                t = t.to(torch.float32) * eff
-            writer.add(name, t.to(dt), "FLOAT")
-            result.kept_float.append(name)
+        _write_float_linear(reader, writer, m, model_dtype, result, eff, up_rows)
+    if down is None:
+        return
+    result.smoothed_down.append(down.down)
+    assert rows is not None
+    if down.down in layers:
+        _convert_layer(
+            reader,
+            writer,
+            down.down,
+            config,
+            cal,
+            observer,
+            percentile,
+            act_symmetric,
+            model_dtype,
+            report,
+            result,
+            smoothed=(rows[0], cal.activations[down.down]),
+        )
+    else:
+        _write_float_linear(reader, writer, down.down, model_dtype, result, rows[0], None)
+
+
+def _write_float_linear(
+    reader: CheckpointReader,
+    writer: CheckpointWriter,
+    module: str,
+    model_dtype: torch.dtype | None,
+    result: ConvertResult,
+    col_scales: torch.Tensor,
+    rows: tuple[torch.Tensor, bool] | None,
+) -> None:
+    """Write a smoothed linear that is kept float (--skip): weight columns multiplied by
+    ``col_scales``, and with ``rows`` its output rows divided by down_proj's factors."""
+    name_w, name_b = f"{module}.weight", f"{module}.bias"
+    w = reader.get_tensor(name_w)
+    b = reader.get_tensor(name_b) if name_b in reader else None
+    dt, bdt = model_dtype or w.dtype, None if b is None else (model_dtype or b.dtype)
+    w = w.to(torch.float32) * col_scales
+    if rows is not None:
+        w, b = scale_up_rows(w, b, rows[0], rows[1])
+    writer.add(name_w, w.to(dt), "FLOAT")
+    result.kept_float.append(name_w)
+    if b is not None:
+        writer.add(name_b, b.to(bdt), "FLOAT")
+        result.kept_float.append(name_b)

@@ -24,8 +24,8 @@ other ``model_type`` is refused when smoothing is requested.
 
 Calibration is collected on the ORIGINAL model; a group's per-channel ``max|X_j|`` is taken
 over the recorded inputs of its linears (identical inputs, so any one suffices), and the
-per-tensor static range of each smoothed linear is then observed on ``X / s`` (the input it
-will actually see), not derived from the unsmoothed range.
+per-tensor static range of each smoothed linear (``down_proj`` included) is then observed on
+``X / s`` (the input it will actually see), not derived from the unsmoothed range.
 """
 
 from __future__ import annotations
@@ -37,10 +37,14 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "DOWN_SMOOTH_ARCHITECTURES",
     "SMOOTH_ARCHITECTURES",
+    "DownSmoothGroup",
     "SmoothGroup",
     "apply_smoothing",
+    "find_down_smooth_groups",
     "find_smooth_groups",
+    "scale_up_rows",
     "smooth_scales",
 ]
 
@@ -77,6 +81,43 @@ SMOOTH_ARCHITECTURES: dict[str, tuple[_Rule, ...]] = {
     "phi3": (_ATTN, _MLP),
     "starcoder2": (_ATTN, _MLP),
 }
+
+
+@dataclass(frozen=True)
+class _DownRule:
+    """``up`` (names relative to the layer) produces, elementwise-multiplied by something
+    independent of it, the input of ``down``. ``up_half``: ``up`` is a fused gate/up linear
+    whose output's SECOND half is the up part (``gate, up = y.chunk(2, dim=-1)``)."""
+
+    up: str
+    down: str
+    up_half: bool = False
+
+
+_GATED = _DownRule("mlp.up_proj", "mlp.down_proj")
+
+#: config.json ``model_type`` -> the gated-MLP up -> down pair whose inner channels can be
+#: smoothed (``down_proj(act(gate_proj(x)) * up_proj(x))``, checked against transformers'
+#: modeling code by tests/test_quant_smooth.py). starcoder2 is deliberately absent: its
+#: ``c_proj(act(c_fc(x)))`` has no gate, and ``act`` is not linear in ``c_fc``'s output.
+DOWN_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
+    "llama": _GATED,
+    "mistral": _GATED,
+    "qwen2": _GATED,
+    "qwen3": _GATED,
+    # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1); down_proj(up * act(gate))
+    "phi3": _DownRule("mlp.gate_up_proj", "mlp.down_proj", up_half=True),
+}
+
+
+@dataclass(frozen=True)
+class DownSmoothGroup:
+    """A linear ``up`` whose output channels (all rows, or with ``up_half`` the second half of
+    its rows) scale ``down``'s input channels one to one (module names)."""
+
+    up: str
+    down: str
+    up_half: bool = False
 
 
 @dataclass(frozen=True)
@@ -126,6 +167,33 @@ def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[Smo
         )
     if not groups:
         raise ValueError(f"smoothing: no norm -> linear groups found in this {model_type} model")
+    return groups
+
+
+def find_down_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[DownSmoothGroup]:
+    """The gated-MLP up -> down pairs of a checkpoint (empty for architectures without one in
+    ``DOWN_SMOOTH_ARCHITECTURES``). Raises ValueError when one of the pair is present without
+    the other (an unexpected variant)."""
+    rule = DOWN_SMOOTH_ARCHITECTURES.get(model_type or "")
+    if rule is None:
+        return []
+    present = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
+    groups: list[DownSmoothGroup] = []
+    errors: list[str] = []
+    prefixes: set[str] = set()
+    for name in (rule.up, rule.down):
+        pat = re.compile(r"^(.*\.)" + re.escape(name) + "$")
+        prefixes.update(m.group(1) for m in map(pat.match, present) if m is not None)
+    for prefix in sorted(prefixes, key=_natural):
+        up, down = prefix + rule.up, prefix + rule.down
+        if up in present and down in present:
+            groups.append(DownSmoothGroup(up, down, rule.up_half))
+        else:
+            errors.append(f"{prefix}: {rule.up} and {rule.down} not both present")
+    if errors:
+        raise ValueError(
+            f"smoothing: unexpected {model_type} MLP layout:\n  " + "\n  ".join(errors[:6])
+        )
     return groups
 
 
@@ -191,3 +259,23 @@ def group_act_absmax(
         m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(torch.float32)
         out = m if out is None else torch.maximum(out, m)
     return out
+
+
+def scale_up_rows(
+    weight: torch.Tensor, bias: torch.Tensor | None, scales: torch.Tensor, up_half: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Divide the output rows of ``up`` (weight (n, k), bias (n,)) by ``scales`` (float32
+    results); with ``up_half`` only the second half of the rows (a fused gate/up linear)."""
+    w = weight.to(torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
+    s = scales.to(torch.float32)
+    n = w.shape[0]
+    first = n - s.numel() if up_half else 0
+    if (up_half and n != 2 * s.numel()) or (not up_half and n != s.numel()):
+        raise ValueError(f"smoothing: {s.numel()} down_proj factors for an up linear of {n} rows")
+    w = w.clone()
+    w[first:] /= s[:, None]
+    if b is not None:
+        b = b.clone()
+        b[first:] /= s
+    return w, b

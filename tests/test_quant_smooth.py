@@ -19,9 +19,12 @@ from quant.calibration import Calibration, collect_activations, save_activations
 from quant.checkpoint import DESCRIPTION_FILE
 from quant.cli import main
 from quant.smooth import (
+    DOWN_SMOOTH_ARCHITECTURES,
     SMOOTH_ARCHITECTURES,
+    DownSmoothGroup,
     SmoothGroup,
     apply_smoothing,
+    find_down_smooth_groups,
     find_smooth_groups,
     smooth_scales,
 )
@@ -57,9 +60,16 @@ def _config(arch: str):
     return cls(**common, **extra)
 
 
-def _make_model(root: Path, arch: str = "llama", outliers: bool = False, seed: int = 0):
+def _make_model(
+    root: Path,
+    arch: str = "llama",
+    outliers: bool = False,
+    seed: int = 0,
+    down_outliers: bool = False,
+):
     """A float32 tiny model saved in root/model; with ``outliers`` a few norm channels are
-    scaled up (as real LLMs' massive activation channels)."""
+    scaled up (as real LLMs' massive activation channels); with ``down_outliers`` a few
+    up_proj output rows are (outlier channels at down_proj's input)."""
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(_config(arch)).float().eval()
     with torch.no_grad():
@@ -70,6 +80,8 @@ def _make_model(root: Path, arch: str = "llama", outliers: bool = False, seed: i
                     p[[3, 17, 40]] *= 40.0
             elif "norm" in name and name.endswith(".bias"):
                 p.normal_(0, 0.1)
+            elif down_outliers and name.endswith("mlp.up_proj.weight"):
+                p[[5, 50, 99]] *= 40.0
     d = root / "model"
     model.save_pretrained(str(d), safe_serialization=True)
     return model, d
@@ -79,8 +91,8 @@ def _ids(seed: int, batch: int = 4, seq: int = 16) -> torch.Tensor:
     return torch.randint(0, V, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _calib(model, root: Path) -> Path:
-    ids = _ids(1)
+def _calib(model, root: Path, batch: int = 4) -> Path:
+    ids = _ids(1, batch=batch)
     acts = collect_activations(model, lambda: model(input_ids=ids))
     p = root / "calib.safetensors"
     save_activations(p, acts)
@@ -151,6 +163,22 @@ def test_groups_of_a_llama_checkpoint():
         find_smooth_groups("gemma2", names)
     with pytest.raises(ValueError, match="unexpected llama layout"):
         find_smooth_groups("llama", [n for n in names if "k_proj" not in n])
+    downs = find_down_smooth_groups("llama", names)
+    assert downs == [
+        DownSmoothGroup(f"model.layers.{i}.mlp.up_proj", f"model.layers.{i}.mlp.down_proj")
+        for i in (0, 1, 10)
+    ]
+    assert find_down_smooth_groups("starcoder2", names) == []  # no gate: not linear in c_fc
+    assert find_down_smooth_groups("gemma2", names) == []
+    with pytest.raises(ValueError, match="unexpected llama MLP layout"):
+        find_down_smooth_groups("llama", [n for n in names if "layers.1.mlp.down" not in n])
+    phi3 = find_down_smooth_groups(
+        "phi3", ["model.layers.0.mlp.gate_up_proj.weight", "model.layers.0.mlp.down_proj.weight"]
+    )
+    assert phi3 == [
+        DownSmoothGroup("model.layers.0.mlp.gate_up_proj", "model.layers.0.mlp.down_proj", True)
+    ]
+    assert set(DOWN_SMOOTH_ARCHITECTURES) == set(SMOOTH_ARCHITECTURES) - {"starcoder2"}
 
 
 def test_smooth_scales_formula_and_degenerate_channels():
@@ -175,7 +203,9 @@ def test_smooth_scales_formula_and_degenerate_channels():
 def test_smoothing_is_exact_in_float(tmp_path, arch):
     """Only layer 0's o_proj is quantized (not in a smoothed group); every smoothed linear is
     kept float, so the converted model must equal the float one up to fp32 rounding, which
-    checks the norm -> linears table against transformers' modeling code."""
+    checks the norm -> linears table and the up -> down_proj pairs (gated MLPs: up_proj's rows
+    divided, down_proj's columns multiplied; not starcoder2's c_fc -> act -> c_proj) against
+    transformers' modeling code."""
     model, d = _make_model(tmp_path, arch)
     calib = _calib(model, tmp_path)
     out = tmp_path / "out"
@@ -183,8 +213,19 @@ def test_smoothing_is_exact_in_float(tmp_path, arch):
     assert res.quantized == ["model.layers.0.self_attn.o_proj"]
     assert len(res.smoothed) == 2 * LAYERS
     tensors = load_file(str(out / "model.safetensors"))
+    orig = model.state_dict()
     norm = "model.layers.1.post_attention_layernorm.weight"
-    assert not torch.equal(tensors[norm], model.state_dict()[norm])  # really smoothed
+    assert not torch.equal(tensors[norm], orig[norm])  # really smoothed
+    if arch in DOWN_SMOOTH_ARCHITECTURES:
+        assert res.smoothed_down == [f"model.layers.{i}.mlp.down_proj" for i in range(LAYERS)]
+        down = "model.layers.1.mlp.down_proj.weight"
+        s = tensors[down] / orig[down]  # column factors, the same in every row
+        torch.testing.assert_close(s, s[:1].expand_as(s))
+        assert float((s[0] - 1).abs().max()) > 0.1  # really smoothed
+    else:
+        assert res.smoothed_down == []
+        c_proj = "model.layers.1.mlp.c_proj.weight"
+        assert torch.equal(tensors[c_proj], orig[c_proj])
     m = _load_converted(model, out)
     m.model.layers[0].self_attn.o_proj = model.model.layers[0].self_attn.o_proj  # float back
     ids = _ids(2)
@@ -198,7 +239,7 @@ def test_smoothing_is_exact_in_float(tmp_path, arch):
 
 def test_smoothing_lowers_static_w8a8_error_with_outlier_channels(tmp_path):
     """Norm weights with 3 channels x40 (activation outliers): static W8A8 logits error vs
-    float, on held-out tokens: measured 0.189 without and 0.079 with smoothing (alpha 0.5)."""
+    float, on held-out tokens: measured 0.189 without and 0.072 with smoothing (alpha 0.5)."""
     model, d = _make_model(tmp_path, "llama", outliers=True)
     calib = _calib(model, tmp_path)
     ids = _ids(3)
@@ -212,6 +253,62 @@ def test_smoothing_lowers_static_w8a8_error_with_outlier_channels(tmp_path):
             errs[alpha] = _rel(_load_converted(model, out)(input_ids=ids).logits, ref)
     print(f"static W8A8 logits rel err: plain {errs[None]:.4f}, smoothed {errs[0.5]:.4f}")
     assert errs[0.5] < 0.6 * errs[None], errs
+
+
+def test_down_proj_smoothing_lowers_error_with_down_outliers(tmp_path, monkeypatch):
+    """up_proj rows 5/50/99 x40 (down_proj input outliers, which the norm groups cannot
+    reach): static W8A8 logits error on held-out tokens, plain / norm groups only / + down_proj
+    (alpha 0.5). 512 calibration tokens: with the usual 64 the flattened down_proj range is
+    exceeded (clipped) on held-out tokens and the gain mostly vanishes."""
+    model, d = _make_model(tmp_path, "llama", down_outliers=True)
+    calib = _calib(model, tmp_path, batch=32)
+    ids = _ids(3)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+
+    def err(name: str, alpha: float | None) -> float:
+        out = tmp_path / name
+        quantize_checkpoint(d, out, W8A8(), calib=calib, smooth=alpha, progress=False)
+        with torch.no_grad():
+            return _rel(_load_converted(model, out)(input_ids=ids).logits, ref)
+
+    full = err("full", 0.5)
+    plain = err("plain", None)
+    monkeypatch.delitem(DOWN_SMOOTH_ARCHITECTURES, "llama")
+    norms_only = err("norms", 0.5)
+    print(f"static W8A8 rel err: plain {plain:.4f}, norms {norms_only:.4f}, +down {full:.4f}")
+    assert full < 0.6 * norms_only, (plain, norms_only, full)
+    assert full < 0.6 * plain, (plain, norms_only, full)
+
+
+def test_down_proj_range_is_observed_on_smoothed_inputs(tmp_path):
+    """Only down_proj quantized: its input_scale = min-max range of X_down / s, with s the
+    column factors applied to its weight (the dequantized weight / the original one), and the
+    float up_proj's rows divided by the same s (after its norm columns)."""
+    model, d = _make_model(tmp_path, "llama", down_outliers=True)
+    calib = _calib(model, tmp_path)
+    down = "model.layers.0.mlp.down_proj"
+    out = tmp_path / "out"
+    res = quantize_checkpoint(
+        d, out, W8A8(), calib=calib, smooth=0.5, skip=[rf"^(?!{down}$)"], progress=False
+    )
+    assert res.quantized == [down]
+    t = load_file(str(out / "model.safetensors"))
+    orig = model.state_dict()
+    up, norm = "model.layers.0.mlp.up_proj.weight", "model.layers.0.post_attention_layernorm"
+    eff = orig[f"{norm}.weight"] / t[f"{norm}.weight"]  # the norm group's column factors
+    s = (orig[up] * eff) / t[up]  # the row factors: the same along each row
+    torch.testing.assert_close(s, s[:, :1].expand_as(s), rtol=1e-5, atol=0)
+    s = s[:, 0]
+    assert s[[5, 50, 99]].min() > 3 * s.median()  # outlier channels get the large factors
+    xs = load_file(str(calib))[down] / s
+    expect = (float(xs.max()) - min(float(xs.min()), 0.0)) / 255.0
+    assert float(t[f"{down}.input_scale"]) == pytest.approx(expect, rel=1e-5)
+    from quant.algorithms import dequantize_linear
+
+    parts = {k[len(down) + 1 :]: v for k, v in t.items() if k.startswith(down + ".")}
+    w_hat, _ = dequantize_linear(parts, W8A8())
+    assert _rel(w_hat, orig[f"{down}.weight"] * s) < 3e-2  # vs O(1) without the factors
 
 
 def test_smoothed_ranges_are_observed_on_smoothed_inputs(tmp_path):
@@ -250,7 +347,7 @@ def test_cli_smooth_end_to_end(tmp_path, capsys):
     argv = ["--model", str(d), "--out", str(out), "--scheme", "w8a8", "--calib", str(calib)]
     assert main(["--no-progress", *argv, "--smooth", "--report"]) == 0
     captured = capsys.readouterr()
-    assert "smoothed the inputs of 4 norms" in captured.err
+    assert "smoothed the inputs of 4 norms and 2 down_proj" in captured.err
     assert "model.layers.1.mlp.gate_proj" in captured.out  # the report
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     assert desc["model_quant_type"] == "W8A8"
