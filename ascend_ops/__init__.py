@@ -1,4 +1,5 @@
-"""ascend_ops: the fused MC2 op ``mm_all_reduce_base`` with the vendor's contract, its portable
+"""ascend_ops: the fused MC2 ops (``mm_all_reduce_base``, ``all_gather_base_mm``,
+``mm_reduce_scatter_base``) with the vendor's contract, its portable
 golden backend, the Ascend (torch_npu) backend, and the helper kernels the layers need."""
 
 from ascend_ops._validate import OpSpec, Scenario, check_mm_all_reduce_base
@@ -13,7 +14,13 @@ from ascend_ops.kernels import (
     quantize,
     weight_quant_matmul,
 )
-from ascend_ops.op import all_gather, all_reduce, mm_all_reduce_base
+from ascend_ops.op import (
+    all_gather,
+    all_gather_base_mm,
+    all_reduce,
+    mm_all_reduce_base,
+    mm_reduce_scatter_base,
+)
 from ascend_ops.quant_param import trans_quant_param, unpack_quant_param
 
 __all__ = [
@@ -23,6 +30,7 @@ __all__ = [
     "OpSpec",
     "Scenario",
     "all_gather",
+    "all_gather_base_mm",
     "all_reduce",
     "check_mm_all_reduce_base",
     "dequantize_weight",
@@ -31,6 +39,7 @@ __all__ = [
     "hcom_name",
     "mm_all_reduce_base",
     "mm_local",
+    "mm_reduce_scatter_base",
     "npu_available",
     "quant_matmul",
     "quantize",

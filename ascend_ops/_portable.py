@@ -151,3 +151,94 @@ def all_gather_last_dim(x: torch.Tensor, hcom: str) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(group.size())]
     _collective("all_gather", hcom, group, lambda: dist.all_gather(parts, x, group=group))
     return torch.cat(parts, dim=-1)
+
+
+# -- sequence-parallel MC2 ops ----------------------------------------------------------------
+#
+# Same precision model as mm_all_reduce_base: all_gather_base_mm gathers its input exactly
+# (dist.all_gather_into_tensor, rank order), then computes the local matmul with float32
+# accumulation and ONE rounding to the output dtype (kernels.fp_matmul / quant_matmul, the
+# formulas shared with every other path); mm_reduce_scatter_base computes the per-rank value
+# the same way, rounded once to the output dtype, then sums it over the group in the output
+# dtype with dist.reduce_scatter_tensor (as HCCL reduces the kernel's output buffer) and keeps
+# this rank's block of m / world_size rows. gloo implements both collectives in torch 2.13
+# (checked with bf16 and int8 tensors), so no all_reduce + slice emulation is needed.
+
+
+def _sp_local(
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """(m, k) @ (k, n): FP, or int8 ``x1_scale * x2_scale * (x1 @ x2)`` (int32 accumulation)."""
+    if x2_scale is None:
+        return kernels.fp_matmul(x1, x2)
+    pertoken = None if x1_scale is None else x1_scale.reshape(-1)
+    return kernels.quant_matmul(
+        x1, x2, x2_scale.reshape(-1), pertoken_scale=pertoken, output_dtype=out_dtype
+    )
+
+
+def all_gather_base_mm(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    gather_output: bool,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validated arguments -> (allgather(input) @ x2 [dequantized], gather_out or empty)."""
+    group = resolve_hcom(hcom)
+    if group is None:
+        gathered, scales = input, x1_scale
+    else:
+        ws = group.size()
+        gathered = input.new_empty((input.shape[0] * ws, input.shape[1]))
+        x1c = input.contiguous()
+        _collective(
+            "all_gather_base_mm: all_gather",
+            hcom,
+            group,
+            lambda: dist.all_gather_into_tensor(gathered, x1c, group=group),
+        )
+        scales = None
+        if x1_scale is not None:
+            scales = x1_scale.new_empty((x1_scale.shape[0] * ws, 1))
+            s1c = x1_scale.contiguous()
+            _collective(
+                "all_gather_base_mm: all_gather (x1_scale)",
+                hcom,
+                group,
+                lambda: dist.all_gather_into_tensor(scales, s1c, group=group),
+            )
+    out = _sp_local(gathered, x2, scales, x2_scale, out_dtype)
+    if not gather_output:
+        return out, input.new_empty((0,))
+    return out, gathered if group is not None else input.clone()
+
+
+def mm_reduce_scatter_base(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Validated arguments -> this rank's (m / world_size, n) block of the summed matmul."""
+    group = resolve_hcom(hcom)
+    v = _sp_local(input, x2, x1_scale, x2_scale, out_dtype)
+    if group is None:
+        return v
+    out = v.new_empty((v.shape[0] // group.size(), v.shape[1]))
+    vc = v.contiguous()
+    _collective(
+        "mm_reduce_scatter_base: reduce_scatter",
+        hcom,
+        group,
+        lambda: dist.reduce_scatter_tensor(out, vc, group=group),
+    )
+    return out

@@ -522,3 +522,321 @@ def check_group(world_size: int, hcom: str) -> None:
             f"communication domain {hcom!r} has world size {world_size}; supported: 1, 2, 4 or 8",
             "C12",
         )
+
+
+# -- sequence-parallel MC2 ops: all_gather_base_mm (G1-G13), mm_reduce_scatter_base (R1-R13) ---
+#
+# Sources: Ascend/op-plugin docs/context/torch_npu-npu_all_gather_base_mm.md and
+# torch_npu-npu_mm_reduce_scatter_base.md (the rules), op_plugin/ops/opapi/
+# AllGatherBaseMatmulKernelNpuOpApi.cpp (output dtypes, gather_out, world_size check), the
+# torch_npu meta functions (torch_npu/op_plugin/meta/_meta_registrations.py, 2.7.1 and 2.14.0)
+# and the kernels' host checks in hicann/ops-transformer mc2/matmul_reduce_scatter/op_host/
+# op_api/aclnn_matmul_reduce_scatter.cpp and mc2/all_gather_matmul/op_host/op_tiling/
+# all_gather_matmul_tiling.cpp (k in [256, 65535), checked on x1's k). docs/MC2_FAMILY.md lists
+# the rules in prose.
+
+SP_K_MIN = 256
+SP_K_MAX = 65535  # exclusive: k in [256, 65535)
+SP_WORLD_SIZES_ASCEND = (2, 4, 8)  # Atlas A2, HCCS full mesh
+SP_COMM_MODES = ("ai_cpu", "aiv")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpSpec:
+    """What a validated all_gather_base_mm / mm_reduce_scatter_base call computes.
+
+    m, k: the rows and k of this rank's input; n: x2's columns; out_shape / out_dtype: the
+    first output; gather_shape: all_gather_base_mm's gather_out ((0,) when not gathered),
+    None for mm_reduce_scatter_base; comm_mode: the effective mode ("ai_cpu" when None)."""
+
+    quantized: bool
+    m: int
+    k: int
+    n: int
+    world_size: int
+    out_shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    gather_shape: tuple[int, ...] | None
+    comm_mode: str
+
+
+def _sp_int(name: str, v: object, rule: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _err(TypeError, name, f"must be an int, got {type(v).__name__}", rule)
+    return v
+
+
+def _check_sp_common(
+    p: str,
+    input: object,
+    x2: object,
+    hcom: object,
+    world_size: object,
+    bias: object,
+    x1_scale: object,
+    x2_scale: object,
+    comm_turn: object,
+    output_dtype: object,
+    comm_mode: object,
+    ascend: bool,
+    x2_format: int | None,
+) -> tuple[torch.Tensor, torch.Tensor, bool, int, str, torch.dtype]:
+    """Rules shared by both ops; ``p`` is the rule prefix ("G" or "R"), the numbers match.
+    Returns (input, x2, quantized, world_size, comm_mode, output dtype)."""
+    x1 = _tensor("input", input, f"{p}1")
+    w = _tensor("x2", x2, f"{p}2")
+    fp_ok = _FP if ascend else _FP_PORTABLE
+    where = " on the Ascend backend" if ascend else ""
+    # 1: input
+    if x1.dtype != torch.int8 and x1.dtype not in fp_ok:
+        names = "float16, bfloat16 or int8" + (
+            "" if ascend else " (float32: portable backend only)"
+        )
+        raise _err(TypeError, "input", f"dtype must be {names}{where}, got {x1.dtype}", f"{p}1")
+    if x1.dim() != 2:
+        raise _err(
+            ValueError, "input", f"must be 2-D (m, k), got shape {tuple(x1.shape)}", f"{p}1"
+        )
+    if not x1.is_contiguous():
+        raise _err(
+            ValueError,
+            "input",
+            "a transposed / non-contiguous input is not supported; call .contiguous()",
+            f"{p}1",
+        )
+    if x1.numel() == 0:
+        raise _err(ValueError, "input", f"must not be empty, got shape {tuple(x1.shape)}", f"{p}1")
+    # 2: x2
+    if w.dim() != 2:
+        raise _err(ValueError, "x2", f"must be 2-D (k, n), got shape {tuple(w.shape)}", f"{p}2")
+    if w.dtype != x1.dtype:
+        raise _err(
+            TypeError,
+            "x2",
+            f"dtype must equal input's ({x1.dtype}): int8 with int8 (quantized), else the same "
+            f"float dtype; got {w.dtype}",
+            f"{p}2",
+        )
+    if w.device != x1.device:
+        raise _err(ValueError, "x2", f"must be on input's device {x1.device}, got {w.device}", f"{p}2")
+    if w.numel() == 0:
+        raise _err(ValueError, "x2", f"must not be empty, got shape {tuple(w.shape)}", f"{p}2")
+    # 3: k
+    k = x1.shape[1]
+    if w.shape[0] != k:
+        raise _err(
+            ValueError, "x2", f"shape[0] ({w.shape[0]}) must equal input's k ({k})", f"{p}3"
+        )
+    if not SP_K_MIN <= k < SP_K_MAX:
+        raise _err(ValueError, "input", f"k = {k} must be in [256, 65535)", f"{p}3")
+    # 4: hcom, world_size
+    if not isinstance(hcom, str) or not hcom:
+        raise _err(
+            TypeError,
+            "hcom",
+            f"must be a non-empty communication-domain name (str), got {hcom!r}",
+            f"{p}4",
+        )
+    ws = _sp_int("world_size", world_size, f"{p}4")
+    allowed = SP_WORLD_SIZES_ASCEND if ascend else WORLD_SIZES
+    if ws not in allowed:
+        names = "2, 4 or 8 on Atlas A2" if ascend else "1 (hcom 'local'), 2, 4 or 8"
+        raise _err(ValueError, "world_size", f"must be {names}, got {ws}", f"{p}4")
+    # 5: bias
+    if bias is not None:
+        raise _err(
+            ValueError,
+            "bias",
+            "is not supported by the fused kernel (a non-zero bias is refused on Ascend); add "
+            "the bias to the output after the call",
+            f"{p}5",
+        )
+    # 6: scales (the scenario is chosen by the dtypes, as the vendor kernel does)
+    quantized = x1.dtype == torch.int8
+    if not quantized:
+        for name, t in (("x1_scale", x1_scale), ("x2_scale", x2_scale)):
+            if t is not None:
+                raise _err(
+                    ValueError, name, "is only for the quantized scenario (int8 input and x2)", f"{p}6"
+                )
+    else:
+        if x2_scale is None:
+            raise _err(
+                ValueError,
+                "x2_scale",
+                "is required in the quantized scenario (int8 input and x2): float32 or int64 "
+                "(trans_quant_param) of shape (1, n)",
+                f"{p}6",
+            )
+        s2 = _tensor("x2_scale", x2_scale, f"{p}6")
+        if s2.dtype not in (torch.float32, torch.int64):
+            raise _err(
+                TypeError,
+                "x2_scale",
+                f"dtype must be float32 or int64 (packed by trans_quant_param), got {s2.dtype}",
+                f"{p}6",
+            )
+        if tuple(s2.shape) != (1, w.shape[1]):
+            raise _err(
+                ValueError,
+                "x2_scale",
+                f"shape must be (1, n) = (1, {w.shape[1]}) (per-channel), got {tuple(s2.shape)}",
+                f"{p}6",
+            )
+        _same_device("x2_scale", s2, x1, f"{p}6")
+        if x1_scale is not None:
+            s1 = _tensor("x1_scale", x1_scale, f"{p}6")
+            if s1.dtype != torch.float32:
+                raise _err(TypeError, "x1_scale", f"dtype must be float32, got {s1.dtype}", f"{p}6")
+            if tuple(s1.shape) != (x1.shape[0], 1):
+                raise _err(
+                    ValueError,
+                    "x1_scale",
+                    f"shape must be (m, 1) = ({x1.shape[0]}, 1) (per-token, this rank's rows), "
+                    f"got {tuple(s1.shape)}",
+                    f"{p}6",
+                )
+            _same_device("x1_scale", s1, x1, f"{p}6")
+    # 9: comm_turn
+    if _sp_int("comm_turn", comm_turn, f"{p}9") != 0:
+        raise _err(ValueError, "comm_turn", f"only 0 is supported, got {comm_turn!r}", f"{p}9")
+    # 10: output_dtype
+    if not quantized:
+        if output_dtype is not None and output_dtype != x1.dtype:
+            raise _err(
+                ValueError,
+                "output_dtype",
+                f"is only for the quantized scenario; the output is input's dtype {x1.dtype}, "
+                f"got {output_dtype}",
+                f"{p}10",
+            )
+        out_dtype = x1.dtype
+    elif x2_scale.dtype == torch.int64:
+        if output_dtype is not None and output_dtype != torch.float16:
+            raise _err(
+                ValueError,
+                "output_dtype",
+                f"an int64 (packed) x2_scale gives a float16 output, got {output_dtype}",
+                f"{p}10",
+            )
+        out_dtype = torch.float16
+    else:
+        if output_dtype is not None and output_dtype not in (torch.bfloat16, torch.float16):
+            raise _err(
+                ValueError,
+                "output_dtype",
+                f"must be None (bfloat16), torch.bfloat16 or torch.float16, got {output_dtype}",
+                f"{p}10",
+            )
+        out_dtype = output_dtype or torch.bfloat16
+    # 11: comm_mode
+    if comm_mode is not None and comm_mode not in SP_COMM_MODES:
+        raise _err(
+            ValueError, "comm_mode", f"must be None, 'ai_cpu' or 'aiv', got {comm_mode!r}", f"{p}11"
+        )
+    mode = comm_mode or "ai_cpu"
+    if quantized and mode != "aiv":
+        raise _err(
+            ValueError,
+            "comm_mode",
+            f"the quantized scenario needs comm_mode='aiv' ('ai_cpu' is FP only), got {comm_mode!r}",
+            f"{p}11",
+        )
+    if ascend and x2_format == FORMAT_NZ and mode != "aiv":
+        raise _err(
+            ValueError,
+            "x2",
+            f"a FRACTAL_NZ x2 needs comm_mode='aiv', got {comm_mode!r}",
+            f"{p}11",
+        )
+    # 12: inference only
+    if torch.is_grad_enabled():
+        for name, t in (("input", x1), ("x2", w), ("x1_scale", x1_scale), ("x2_scale", x2_scale)):
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                raise _err(
+                    ValueError,
+                    name,
+                    "requires grad: the op has no backward; call under torch.no_grad() / "
+                    "inference_mode() or detach",
+                    f"{p}12",
+                )
+    return x1, w, quantized, ws, mode, out_dtype
+
+
+def check_all_gather_base_mm(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    bias: torch.Tensor | None = None,
+    x1_scale: torch.Tensor | None = None,
+    x2_scale: torch.Tensor | None = None,
+    gather_index: int = 0,
+    gather_output: bool = True,
+    comm_turn: int = 0,
+    output_dtype: torch.dtype | None = None,
+    comm_mode: str | None = None,
+    *,
+    ascend: bool = False,
+    x2_format: int | None = None,
+) -> SpSpec:
+    """Rules G1-G13 (docs/MC2_FAMILY.md) on metadata only, before any collective."""
+    x1, w, quantized, ws, mode, out_dtype = _check_sp_common(
+        "G", input, x2, hcom, world_size, bias, x1_scale, x2_scale, comm_turn, output_dtype,
+        comm_mode, ascend, x2_format,
+    )  # fmt: skip
+    if _sp_int("gather_index", gather_index, "G7") != 0:
+        raise _err(
+            ValueError, "gather_index", f"only 0 (gather input) is supported, got {gather_index!r}", "G7"
+        )
+    if not isinstance(gather_output, bool):
+        raise _err(
+            TypeError, "gather_output", f"must be a bool, got {type(gather_output).__name__}", "G8"
+        )
+    m, k = x1.shape
+    n = w.shape[1]
+    gather_shape = (m * ws, k) if gather_output else (0,)
+    return SpSpec(quantized, m, k, n, ws, (m * ws, n), out_dtype, gather_shape, mode)
+
+
+def check_mm_reduce_scatter_base(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    reduce_op: str = "sum",
+    bias: torch.Tensor | None = None,
+    x1_scale: torch.Tensor | None = None,
+    x2_scale: torch.Tensor | None = None,
+    comm_turn: int = 0,
+    output_dtype: torch.dtype | None = None,
+    comm_mode: str | None = None,
+    *,
+    ascend: bool = False,
+    x2_format: int | None = None,
+) -> SpSpec:
+    """Rules R1-R13 (docs/MC2_FAMILY.md) on metadata only, before any collective."""
+    x1, w, quantized, ws, mode, out_dtype = _check_sp_common(
+        "R", input, x2, hcom, world_size, bias, x1_scale, x2_scale, comm_turn, output_dtype,
+        comm_mode, ascend, x2_format,
+    )  # fmt: skip
+    if reduce_op != "sum":
+        raise _err(ValueError, "reduce_op", f"only 'sum' is supported, got {reduce_op!r}", "R7")
+    m, k = x1.shape
+    if m % ws != 0:
+        raise _err(
+            ValueError, "input", f"m = {m} must be divisible by world_size = {ws}", "R8"
+        )
+    n = w.shape[1]
+    return SpSpec(quantized, m, k, n, ws, (m // ws, n), out_dtype, None, mode)
+
+
+def check_sp_group(world_size: int, group_size: int, hcom: str, rule: str) -> None:
+    """G4 / R4: ``world_size`` must be the size of the domain ``hcom`` names ('local': 1)."""
+    if world_size != group_size:
+        raise _err(
+            ValueError,
+            "world_size",
+            f"({world_size}) must equal the size of communication domain {hcom!r} ({group_size})",
+            rule,
+        )

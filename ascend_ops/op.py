@@ -13,7 +13,13 @@ import torch
 from ascend_ops import _portable, backend
 from ascend_ops._validate import check_mm_all_reduce_base
 
-__all__ = ["all_gather", "all_reduce", "mm_all_reduce_base"]
+__all__ = [
+    "all_gather",
+    "all_gather_base_mm",
+    "all_reduce",
+    "mm_all_reduce_base",
+    "mm_reduce_scatter_base",
+]
 
 
 def _impl(
@@ -250,3 +256,231 @@ def all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _all_gather_op(x, hcom)
     return _portable.all_gather_last_dim(x, hcom)
+
+
+# -- sequence-parallel MC2 ops ----------------------------------------------------------------
+
+
+def _sp_x2_format(ascend: bool, x2: object) -> int | None:
+    if ascend and isinstance(x2, torch.Tensor):
+        from ascend_ops import layout
+
+        return layout.get_format(x2)
+    return None
+
+
+def _sp_check_group(hcom: str, world_size: int, rule: str) -> None:
+    """G4 / R4 on the portable backend: world_size is the size of the group hcom names."""
+    from ascend_ops._validate import check_sp_group
+    from ascend_ops.hcom import resolve_hcom
+
+    group = resolve_hcom(hcom)  # metadata only: C4 (known name) and the group's size
+    check_sp_group(world_size, 1 if group is None else group.size(), hcom, rule)
+
+
+def _ag_impl(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    gather_output: bool,
+    output_dtype: torch.dtype | None,
+    comm_mode: str | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend.select(input) is backend.Backend.ASCEND:
+        from ascend_ops import _npu_sp
+
+        return _npu_sp.call(
+            "all_gather_base_mm",
+            input,
+            x2,
+            hcom,
+            world_size,
+            x1_scale=x1_scale,
+            x2_scale=x2_scale,
+            gather_output=gather_output,
+            output_dtype=output_dtype,
+            comm_mode=comm_mode,
+        )
+    return _portable.all_gather_base_mm(
+        input, x2, hcom, x1_scale, x2_scale, gather_output, out_dtype
+    )
+
+
+@torch.library.custom_op("ascend_ops::all_gather_base_mm", mutates_args=())
+def _all_gather_base_mm_op(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    gather_output: bool,
+    output_dtype: torch.dtype | None,
+    comm_mode: str | None,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _ag_impl(
+        input, x2, hcom, world_size, x1_scale, x2_scale, gather_output, output_dtype,
+        comm_mode, out_dtype,
+    )  # fmt: skip
+
+
+@_all_gather_base_mm_op.register_fake
+def _all_gather_base_mm_fake(
+    input, x2, hcom, world_size, x1_scale, x2_scale, gather_output, output_dtype, comm_mode,
+    out_dtype,
+):  # fmt: skip
+    rows = input.shape[0] * world_size
+    out = input.new_empty((rows, x2.shape[1]), dtype=out_dtype)
+    gathered = input.new_empty((rows, input.shape[1]) if gather_output else (0,))
+    return out, gathered
+
+
+def all_gather_base_mm(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    *,
+    bias: torch.Tensor | None = None,
+    x1_scale: torch.Tensor | None = None,
+    x2_scale: torch.Tensor | None = None,
+    gather_index: int = 0,
+    gather_output: bool = True,
+    comm_turn: int = 0,
+    output_dtype: torch.dtype | None = None,
+    comm_mode: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All-gather of the token-sharded input fused with the matmul (torch_npu signature).
+
+    ``output = allgather(input) @ x2``; quantized (int8 input and x2):
+    ``output = (allgather(x1_scale) * x2_scale) * (allgather(input) @ x2)``, int32 accumulation;
+    ``gather_out = allgather(input)`` (rank order), or an empty (0,) tensor when
+    ``gather_output=False``. ``input`` is the vendor's ``self`` / ``x1`` (the keyword torch_npu
+    accepts for it is ``input``).
+
+    input: (m, k) this rank's rows, fp16 / bf16 / int8 (fp32: portable only), contiguous,
+    k in [256, 65535); x2: (k, n) same dtype (a transposed (n, k) view is fine); hcom: from
+    ``ascend_ops.hcom_name(group)``; world_size: the domain's size. Quantized: x2_scale float32
+    or int64 (trans_quant_param) (1, n), x1_scale float32 (m, 1) per token of this rank's rows
+    (optional), comm_mode="aiv". Returns output (m * world_size, n): input's dtype (FP),
+    float16 (int64 x2_scale) or output_dtype (default bfloat16); gather_out
+    (m * world_size, k) in input's dtype. bias is refused (G5): add it to the output.
+    Rules G1-G13 (docs/MC2_FAMILY.md) are checked before any collective.
+    """
+    ascend = backend.select(input if isinstance(input, torch.Tensor) else None) is (
+        backend.Backend.ASCEND
+    )
+    from ascend_ops._validate import check_all_gather_base_mm
+
+    spec = check_all_gather_base_mm(
+        input, x2, hcom, world_size, bias, x1_scale, x2_scale, gather_index, gather_output,
+        comm_turn, output_dtype, comm_mode, ascend=ascend, x2_format=_sp_x2_format(ascend, x2),
+    )  # fmt: skip
+    if not ascend:
+        _sp_check_group(hcom, world_size, "G4")
+    fn = _all_gather_base_mm_op if torch.compiler.is_compiling() else _ag_impl
+    return fn(
+        input, x2, hcom, world_size, x1_scale, x2_scale, gather_output, output_dtype,
+        comm_mode, spec.out_dtype,
+    )  # fmt: skip
+
+
+def _rs_impl(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    output_dtype: torch.dtype | None,
+    comm_mode: str | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    if backend.select(input) is backend.Backend.ASCEND:
+        from ascend_ops import _npu_sp
+
+        return _npu_sp.call(
+            "mm_reduce_scatter_base",
+            input,
+            x2,
+            hcom,
+            world_size,
+            x1_scale=x1_scale,
+            x2_scale=x2_scale,
+            output_dtype=output_dtype,
+            comm_mode=comm_mode,
+        )
+    return _portable.mm_reduce_scatter_base(input, x2, hcom, x1_scale, x2_scale, out_dtype)
+
+
+@torch.library.custom_op("ascend_ops::mm_reduce_scatter_base", mutates_args=())
+def _mm_reduce_scatter_base_op(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    x1_scale: torch.Tensor | None,
+    x2_scale: torch.Tensor | None,
+    output_dtype: torch.dtype | None,
+    comm_mode: str | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    return _rs_impl(
+        input, x2, hcom, world_size, x1_scale, x2_scale, output_dtype, comm_mode, out_dtype
+    )
+
+
+@_mm_reduce_scatter_base_op.register_fake
+def _mm_reduce_scatter_base_fake(
+    input, x2, hcom, world_size, x1_scale, x2_scale, output_dtype, comm_mode, out_dtype
+):
+    return input.new_empty((input.shape[0] // world_size, x2.shape[1]), dtype=out_dtype)
+
+
+def mm_reduce_scatter_base(
+    input: torch.Tensor,
+    x2: torch.Tensor,
+    hcom: str,
+    world_size: int,
+    *,
+    reduce_op: str = "sum",
+    bias: torch.Tensor | None = None,
+    x1_scale: torch.Tensor | None = None,
+    x2_scale: torch.Tensor | None = None,
+    comm_turn: int = 0,
+    output_dtype: torch.dtype | None = None,
+    comm_mode: str | None = None,
+) -> torch.Tensor:
+    """Matmul fused with the reduce-scatter of its output (torch_npu signature).
+
+    ``output = reducescatter(input @ x2)``; quantized (int8 input and x2):
+    ``output = reducescatter((x1_scale * x2_scale) * (input @ x2))``, int32 accumulation. Rank r
+    keeps rows [r * m / ws, (r + 1) * m / ws) of the sum. ``input`` is the vendor's ``self``.
+
+    input: (m, k) with m divisible by world_size (a row-parallel layer's k-shard of all m
+    tokens), fp16 / bf16 / int8 (fp32: portable only), contiguous, k in [256, 65535); x2: (k, n)
+    same dtype; quantized: x2_scale float32 / int64 (1, n), x1_scale float32 (m, 1) optional,
+    comm_mode="aiv". Returns (m / world_size, n): input's dtype (FP), float16 (int64 x2_scale)
+    or output_dtype (default bfloat16). bias is refused (R5). Rules R1-R13 (docs/MC2_FAMILY.md)
+    are checked before any collective.
+    """
+    ascend = backend.select(input if isinstance(input, torch.Tensor) else None) is (
+        backend.Backend.ASCEND
+    )
+    from ascend_ops._validate import check_mm_reduce_scatter_base
+
+    spec = check_mm_reduce_scatter_base(
+        input, x2, hcom, world_size, reduce_op, bias, x1_scale, x2_scale, comm_turn,
+        output_dtype, comm_mode, ascend=ascend, x2_format=_sp_x2_format(ascend, x2),
+    )  # fmt: skip
+    if not ascend:
+        _sp_check_group(hcom, world_size, "R4")
+    fn = _mm_reduce_scatter_base_op if torch.compiler.is_compiling() else _rs_impl
+    return fn(
+        input, x2, hcom, world_size, x1_scale, x2_scale, output_dtype, comm_mode, spec.out_dtype
+    )
