@@ -594,9 +594,7 @@ def _check_sp_common(
         )
         raise _err(TypeError, "input", f"dtype must be {names}{where}, got {x1.dtype}", f"{p}1")
     if x1.dim() != 2:
-        raise _err(
-            ValueError, "input", f"must be 2-D (m, k), got shape {tuple(x1.shape)}", f"{p}1"
-        )
+        raise _err(ValueError, "input", f"must be 2-D (m, k), got shape {tuple(x1.shape)}", f"{p}1")
     if not x1.is_contiguous():
         raise _err(
             ValueError,
@@ -618,15 +616,15 @@ def _check_sp_common(
             f"{p}2",
         )
     if w.device != x1.device:
-        raise _err(ValueError, "x2", f"must be on input's device {x1.device}, got {w.device}", f"{p}2")
+        raise _err(
+            ValueError, "x2", f"must be on input's device {x1.device}, got {w.device}", f"{p}2"
+        )
     if w.numel() == 0:
         raise _err(ValueError, "x2", f"must not be empty, got shape {tuple(w.shape)}", f"{p}2")
     # 3: k
     k = x1.shape[1]
     if w.shape[0] != k:
-        raise _err(
-            ValueError, "x2", f"shape[0] ({w.shape[0]}) must equal input's k ({k})", f"{p}3"
-        )
+        raise _err(ValueError, "x2", f"shape[0] ({w.shape[0]}) must equal input's k ({k})", f"{p}3")
     if not SP_K_MIN <= k < SP_K_MAX:
         raise _err(ValueError, "input", f"k = {k} must be in [256, 65535)", f"{p}3")
     # 4: hcom, world_size
@@ -657,7 +655,10 @@ def _check_sp_common(
         for name, t in (("x1_scale", x1_scale), ("x2_scale", x2_scale)):
             if t is not None:
                 raise _err(
-                    ValueError, name, "is only for the quantized scenario (int8 input and x2)", f"{p}6"
+                    ValueError,
+                    name,
+                    "is only for the quantized scenario (int8 input and x2)",
+                    f"{p}6",
                 )
     else:
         if x2_scale is None:
@@ -787,7 +788,10 @@ def check_all_gather_base_mm(
     )  # fmt: skip
     if _sp_int("gather_index", gather_index, "G7") != 0:
         raise _err(
-            ValueError, "gather_index", f"only 0 (gather input) is supported, got {gather_index!r}", "G7"
+            ValueError,
+            "gather_index",
+            f"only 0 (gather input) is supported, got {gather_index!r}",
+            "G7",
         )
     if not isinstance(gather_output, bool):
         raise _err(
@@ -824,9 +828,7 @@ def check_mm_reduce_scatter_base(
         raise _err(ValueError, "reduce_op", f"only 'sum' is supported, got {reduce_op!r}", "R7")
     m, k = x1.shape
     if m % ws != 0:
-        raise _err(
-            ValueError, "input", f"m = {m} must be divisible by world_size = {ws}", "R8"
-        )
+        raise _err(ValueError, "input", f"m = {m} must be divisible by world_size = {ws}", "R8")
     n = w.shape[1]
     return SpSpec(quantized, m, k, n, ws, (m // ws, n), out_dtype, None, mode)
 
