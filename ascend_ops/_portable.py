@@ -156,13 +156,17 @@ def all_gather_last_dim(x: torch.Tensor, hcom: str) -> torch.Tensor:
 # -- sequence-parallel MC2 ops ----------------------------------------------------------------
 #
 # Same precision model as mm_all_reduce_base: all_gather_base_mm gathers its input exactly
-# (dist.all_gather_into_tensor, rank order), then computes the local matmul with float32
+# (dist.all_gather_single, rank order), then computes the local matmul with float32
 # accumulation and ONE rounding to the output dtype (kernels.fp_matmul / quant_matmul, the
 # formulas shared with every other path); mm_reduce_scatter_base computes the per-rank value
 # the same way, rounded once to the output dtype, then sums it over the group in the output
-# dtype with dist.reduce_scatter_tensor (as HCCL reduces the kernel's output buffer) and keeps
+# dtype with dist.reduce_scatter_single (as HCCL reduces the kernel's output buffer) and keeps
 # this rank's block of m / world_size rows. gloo implements both collectives in torch 2.13
-# (checked with bf16 and int8 tensors), so no all_reduce + slice emulation is needed.
+# (checked with bf16 and int8 tensors), so no all_reduce + slice emulation is needed. torch 2.13
+# names them all_gather_single / reduce_scatter_single (the *_tensor names are deprecated);
+# older torch (the releases torch_npu 2.1 pairs with) has only the *_tensor names.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _sp_local(
@@ -202,7 +206,7 @@ def all_gather_base_mm(
             "all_gather_base_mm: all_gather",
             hcom,
             group,
-            lambda: dist.all_gather_into_tensor(gathered, x1c, group=group),
+            lambda: _all_gather_single(gathered, x1c, group=group),
         )
         scales = None
         if x1_scale is not None:
@@ -212,7 +216,7 @@ def all_gather_base_mm(
                 "all_gather_base_mm: all_gather (x1_scale)",
                 hcom,
                 group,
-                lambda: dist.all_gather_into_tensor(scales, s1c, group=group),
+                lambda: _all_gather_single(scales, s1c, group=group),
             )
     out = _sp_local(gathered, x2, scales, x2_scale, out_dtype)
     if not gather_output:
@@ -239,6 +243,6 @@ def mm_reduce_scatter_base(
         "mm_reduce_scatter_base: reduce_scatter",
         hcom,
         group,
-        lambda: dist.reduce_scatter_tensor(out, vc, group=group),
+        lambda: _reduce_scatter_single(out, vc, group=group),
     )
     return out

@@ -3,10 +3,10 @@
 Measured, TP = 2 (two spawned gloo processes, one torch thread each): the portable fused ops
 against what a user writes by hand, same tensors, interleaved repeats, ratios of the same run:
 
-- ``all_gather_base_mm(x, w, hcom, 2, gather_output=False)`` vs ``dist.all_gather_into_tensor``
+- ``all_gather_base_mm(x, w, hcom, 2, gather_output=False)`` vs ``dist.all_gather_single``
   + the local matmul (FP: ``torch.matmul``; W8A8: a second gather for the per-token scales, then
   ``kernels.quant_matmul``); x: (m, 2048) per rank, w: (2048, 2048) (a 4096-wide column layer);
-- ``mm_reduce_scatter_base(x, w, hcom, 2)`` vs the local matmul + ``dist.reduce_scatter_tensor``;
+- ``mm_reduce_scatter_base(x, w, hcom, 2)`` vs the local matmul + ``dist.reduce_scatter_single``;
   x: (m, 2048) (k = 4096 over 2 ranks), w: (2048, 4096).
 
 Weights are (n, k) storage seen as (k, n), as the layers keep them on CPU. Target: fused <= 1.05x
@@ -57,6 +57,8 @@ def _case(op: str, scheme: str, m: int, n: int, rank: int) -> tuple[Any, Any, An
     from ascend_ops import kernels
 
     hcom, ws = ascend_ops.hcom_name(), dist.get_world_size()
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     g = torch.Generator().manual_seed(1000 + rank)
     if scheme == "fp_bf16":
         x = torch.randn(m, K, generator=g).bfloat16()
@@ -90,11 +92,11 @@ def _case(op: str, scheme: str, m: int, n: int, rank: int) -> tuple[Any, Any, An
 
         def by_hand(mm: Any = local) -> Any:
             xs = x.new_empty((m * ws, K))
-            dist.all_gather_into_tensor(xs, x)
+            gather(xs, x)
             if "x1_scale" not in kw:
                 return mm(xs)
             ss = kw["x1_scale"].new_empty((m * ws, 1))
-            dist.all_gather_into_tensor(ss, kw["x1_scale"])
+            gather(ss, kw["x1_scale"])
             return mm(xs, ss)
 
         return fused, by_hand, lambda: by_hand(local_same)
@@ -105,7 +107,7 @@ def _case(op: str, scheme: str, m: int, n: int, rank: int) -> tuple[Any, Any, An
     def by_hand_rs(mm: Any = local) -> Any:
         y = mm(x)
         out = y.new_empty((m // ws, n))
-        dist.reduce_scatter_tensor(out, y)
+        scatter(out, y)
         return out
 
     return fused_rs, by_hand_rs, lambda: by_hand_rs(local_same)

@@ -359,6 +359,10 @@ def test_validation_runs_before_any_collective(monkeypatch: pytest.MonkeyPatch) 
 
     for name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"):
         monkeypatch.setattr(dist, name, boom)
+    from ascend_ops import _portable
+
+    monkeypatch.setattr(_portable, "_all_gather_single", boom)
+    monkeypatch.setattr(_portable, "_reduce_scatter_single", boom)
     x, w = _fp()
     with torch.no_grad(), pytest.raises(ValueError, match=r"\(G5\)"):
         ao.all_gather_base_mm(x, w, "local", 1, bias=torch.zeros(N).to(BF))
