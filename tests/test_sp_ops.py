@@ -472,3 +472,22 @@ def _compile_body(rank: int, ws: int, backend: str) -> int:
 
 def test_compile_world_size_two() -> None:
     assert run_ranks(2, _compile_body, "aot_eager", timeout=300) == [1, 1]
+
+
+@pytest.mark.slow
+def test_compile_inductor_world_size_one() -> None:
+    assert check_sp_compiled("inductor", 0, 1) == 1
+
+
+def test_validation_still_runs_under_compile() -> None:
+    """A broken rule raises at trace time with the same message (not a graph break)."""
+    torch._dynamo.reset()
+
+    def fn(x, w):
+        return ao.mm_reduce_scatter_base(x, w, "local", 2)
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    x, w = _fp(m=5)
+    with torch.no_grad(), pytest.raises(Exception, match=r"input: m = 5 .*\(R8\)"):
+        compiled(x, w)
+    torch._dynamo.reset()
