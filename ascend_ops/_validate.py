@@ -649,7 +649,10 @@ def _check_sp_common(
             "the bias to the output after the call",
             f"{p}5",
         )
-    # 6: scales (the scenario is chosen by the dtypes, as the vendor kernel does)
+    # 6: scales. The scenario follows the dtypes; x1_scale is optional because torch_npu
+    # decides "quantized" by x2_scale alone (Ascend/op-plugin op_plugin/ops/opapi/
+    # AllGatherBaseMatmulKernelNpuOpApi.cpp: has_quant = x2_scale.has_value()), which also
+    # gives the output dtypes of rule 10: int64 x2_scale -> float16, else output_dtype or bf16.
     quantized = x1.dtype == torch.int8
     if not quantized:
         for name, t in (("x1_scale", x1_scale), ("x2_scale", x2_scale)):
