@@ -14,6 +14,7 @@ output are never changed by a failed run):
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -174,6 +175,10 @@ class _Failures:
     code = EXIT_OK
 
     def __enter__(self) -> _Failures:
+        self._log = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
+        self._log.setFormatter(logging.Formatter("warning: %(message)s"))
+        self._log.setLevel(logging.WARNING)
+        logging.getLogger("quant").addHandler(self._log)
         self._saved: dict[int, object] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -193,6 +198,7 @@ class _Failures:
     ) -> bool:
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)  # type: ignore[arg-type]
+        logging.getLogger("quant").removeHandler(self._log)
         if exc is None or not isinstance(exc, (Exception, KeyboardInterrupt, _Terminated)):
             return False
         self.code, message = _classify(exc)
