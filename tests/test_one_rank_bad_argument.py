@@ -7,7 +7,6 @@ warns about, measured here."""
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import re
 import sys
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_rank_failure import _context, _free_port
 
 PG_TIMEOUT = 3.0
