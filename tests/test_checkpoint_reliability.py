@@ -354,3 +354,18 @@ def test_written_files_read_back_with_safetensors_itself(tmp_path: Path) -> None
         assert sorted(f.keys()) == sorted(tensors)
         for k, v in tensors.items():
             assert torch.equal(f.get_tensor(k), v), k
+
+
+def test_repair_handles_the_earlier_layout_and_touches_nothing_else(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    before = _earlier_output(out)
+    legacy = tmp_path / ".out.old-k2_x9abc"  # tempfile.mkdtemp's name, the output inside
+    legacy.mkdir()
+    out.rename(legacy / "old")
+    stale = tmp_path / ".out.tmp-ab12cd34"
+    stale.mkdir()
+    mine = tmp_path / ".out.old-my-backup"  # not a name this writer gives: left alone
+    mine.mkdir()
+    CheckpointWriter(out, force=True).abort()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [mine.name, "out"]

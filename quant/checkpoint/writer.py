@@ -26,6 +26,7 @@ import glob
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -220,7 +221,15 @@ class _OutputLock:
 
 
 def _hidden(out: Path, kind: str) -> list[Path]:
-    return sorted(out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"))
+    """Directories beside ``out`` named as this writer names its temporary (``tmp``) and
+    set-aside (``old``) directories (``-<pid>-<8 hex>``; ``tempfile.mkdtemp``'s 8-character
+    suffix for those of earlier versions)."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.{kind}-(\d+-[0-9a-f]{{8}}|[a-z0-9_]{{8}})")
+    return sorted(
+        p
+        for p in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*")
+        if pattern.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+    )
 
 
 def _repair(out: Path) -> None:
@@ -228,8 +237,12 @@ def _repair(out: Path) -> None:
     asides = _hidden(out, "old")
     if asides and not os.path.lexists(out):
         newest = max(asides, key=lambda p: p.lstat().st_ctime_ns)
-        os.rename(newest, out)
-        asides.remove(newest)
+        legacy = newest / "old"  # earlier versions moved the old output to <aside>/old
+        if legacy.is_dir():
+            os.rename(legacy, out)  # the empty <aside> is removed below
+        else:
+            os.rename(newest, out)
+            asides.remove(newest)
         logger.warning(
             "restored %s from %s: a --force run was interrupted between moving the old output "
             "aside and putting its replacement in place",
