@@ -177,9 +177,13 @@ def check_output_path(
     out_path = _output_path(out)
     relation = _overlap(src_real, out_path)
     if relation is not None:
+        linked = out_path.resolve() != Path(os.path.abspath(out)) or src_real != Path(
+            os.path.abspath(src)
+        )
         raise ValueError(
-            f"output {out} {relation} the model directory {src} (after resolving symbolic "
-            "links): refused with or without --force; choose an output outside the model"
+            f"output {out} {relation} the model directory {src}"
+            + (" (after resolving symbolic links)" if linked else "")
+            + ": refused with or without --force; choose an output outside the model"
         )
     if os.path.lexists(out_path):
         if not force:
