@@ -26,7 +26,15 @@ from quant.calibration import (
     observe_ranges,
     save_activations,
 )
-from quant.checkpoint import CheckpointReader, CheckpointWriter, TensorInfo
+from quant.checkpoint import (
+    CheckpointFileError,
+    CheckpointReader,
+    CheckpointWriteError,
+    CheckpointWriter,
+    FileChangedError,
+    StoredTensor,
+    TensorInfo,
+)
 from quant.convention import (
     deq_scale_to_float32,
     deq_scale_to_int64,
@@ -40,11 +48,14 @@ from quant.schemes import FP, W8A8, W8A16, Scheme, TensorSpec, parse_scheme, sch
 __all__ = [
     "DEFAULT_SKIP_PATTERNS",
     "FP",
+    "FileChangedError",
     "W8A8",
     "W8A16",
     "ActivationRange",
     "Calibration",
+    "CheckpointFileError",
     "CheckpointReader",
+    "CheckpointWriteError",
     "CheckpointWriter",
     "ConvertResult",
     "LayerReport",
@@ -53,6 +64,7 @@ __all__ = [
     "QuantLinear",
     "QuantizedWeight",
     "Scheme",
+    "StoredTensor",
     "TensorInfo",
     "TensorSpec",
     "activation_qparams",

@@ -1,24 +1,41 @@
 """``python -m quant``: quantize a float safetensors model directory into an msmodelslim
 checkpoint (``quant_model_description.json`` + safetensors shards).
 
-Exit codes: 0 success, 2 bad arguments or inputs (message on stderr, no output written).
+Exit status (one line ``error: ...`` on stderr for every failure; the source and any earlier
+output are never changed by a failed run):
+
+- 0: success;
+- 1: internal error (a bug; ``QUANT_DEBUG=1`` prints the traceback);
+- 2: bad arguments or inputs (missing / truncated / corrupt source, unsafe ``--out``, ...);
+- 3: the output could not be written (disk full, permissions); the temporary directory is removed;
+- 130 / 143: interrupted by SIGINT / SIGTERM; the temporary directory is removed.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
+from types import FrameType, TracebackType
 
 import torch
+from safetensors import SafetensorError
 
-from quant.checkpoint import parse_size
+from quant.checkpoint import CheckpointWriteError, parse_size
 from quant.convert import format_report, quantize_checkpoint
 from quant.modules import DEFAULT_SKIP_PATTERNS
 from quant.schemes import W8A8, W8A16, Scheme
 from quant.smooth import DOWN_SMOOTH_ARCHITECTURES, SMOOTH_ARCHITECTURES
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EXIT_INPUT", "EXIT_INTERNAL", "EXIT_OK", "EXIT_WRITE", "build_parser", "main"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_WRITE = 0, 1, 2, 3
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM
 
 _SCHEMES = ("w8a16", "w8a8", "w8a8_dynamic")
 _DTYPES = {
@@ -54,6 +71,13 @@ starcoder2's c_proj, after an ungated activation) are not smoothed.
 """
 
 
+_EXIT_STATUS = """
+Exit status: 0 success; 1 internal error (QUANT_DEBUG=1 shows the traceback); 2 bad arguments
+or inputs; 3 the output could not be written (disk full, ...); 130 / 143 interrupted by
+SIGINT / SIGTERM. A failed run leaves the model and any earlier --out as they were.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quant",
@@ -62,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.epilog += _EXIT_STATUS
     p.add_argument("--model", required=True, metavar="DIR", help="float model directory")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument(
@@ -139,10 +164,70 @@ def _scheme(args: argparse.Namespace) -> Scheme:
     return W8A8(dynamic=args.scheme == "w8a8_dynamic")
 
 
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that it unwinds (and cleans up) like SIGINT."""
+
+
+class _Failures:
+    """Context of one CLI run: SIGINT / SIGTERM raise (once; a second signal cannot interrupt the
+    cleanup), and every exception leaving the block becomes ``code`` and one ``error:`` line."""
+
+    code = EXIT_OK
+
+    def __enter__(self) -> _Failures:
+        self._log = logging.StreamHandler(sys.stderr)  # the library's warnings, one line each
+        self._log.setFormatter(logging.Formatter("warning: %(message)s"))
+        self._log.setLevel(logging.WARNING)
+        logging.getLogger("quant").addHandler(self._log)
+        self._saved: dict[int, object] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        for sig in self._saved:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Terminated
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        logging.getLogger("quant").removeHandler(self._log)
+        if exc is None or not isinstance(exc, (Exception, KeyboardInterrupt, _Terminated)):
+            return False
+        self.code, message = _classify(exc)
+        if self.code == EXIT_INTERNAL and os.environ.get("QUANT_DEBUG"):
+            traceback.print_exception(exc)
+        print(f"error: {message}", file=sys.stderr)
+        return True
+
+
+def _classify(exc: BaseException) -> tuple[int, str]:
+    """(exit status, message) of a failed run."""
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_SIGINT, "interrupted (SIGINT); nothing written, the output is unchanged"
+    if isinstance(exc, _Terminated):
+        return EXIT_SIGTERM, "terminated (SIGTERM); nothing written, the output is unchanged"
+    if isinstance(exc, CheckpointWriteError):
+        return EXIT_WRITE, f"{exc}; nothing written, the output is unchanged"
+    if isinstance(exc, (ValueError, TypeError, OSError, SafetensorError)):
+        return EXIT_INPUT, str(exc)
+    return EXIT_INTERNAL, (
+        f"internal error: {type(exc).__name__}: {exc} (a bug: please report it with the "
+        "traceback QUANT_DEBUG=1 prints)"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit code (0 ok, 2 error)."""
+    """Run the CLI; returns the exit status (see the module docstring)."""
     args = build_parser().parse_args(argv)
-    try:
+    with _Failures() as run:
         scheme = _scheme(args)
         parse_size(args.max_shard_size)
         result = quantize_checkpoint(
@@ -160,9 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
         )
-    except (FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if run.code != EXIT_OK:
+        return run.code
     if args.report:
         print(format_report(result.reports))
     print(result.summary(), file=sys.stderr)

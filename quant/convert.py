@@ -20,7 +20,7 @@ import torch
 
 from quant.algorithms import dequantize_linear, quantize_linear
 from quant.calibration import Calibration, load_calibration, make_observer
-from quant.checkpoint import DESCRIPTION_FILE, INDEX_FILE, CheckpointReader, CheckpointWriter
+from quant.checkpoint import CheckpointReader, CheckpointWriter, check_output_path
 from quant.convention import deq_scale_to_float32
 from quant.modules import QuantLinear, is_skipped
 from quant.schemes import W8A8, W8A16, Scheme
@@ -38,7 +38,6 @@ from quant.smooth import (
 __all__ = ["ConvertResult", "LayerReport", "format_report", "quantize_checkpoint"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
 @dataclass
@@ -236,10 +235,7 @@ def quantize_checkpoint(
     src, dst = Path(src), Path(dst)
     if not src.is_dir():
         raise FileNotFoundError(f"model directory not found: {src}")
-    if dst.exists() and not force:
-        raise FileExistsError(f"output {dst} already exists; use --force to replace it")
-    if dst.resolve() == src.resolve():
-        raise ValueError("output directory must differ from the model directory")
+    check_output_path(src, dst, force=force)
     skip = tuple(skip)
     static = isinstance(config, W8A8) and not config.dynamic
     if smooth is not None:
@@ -371,13 +367,7 @@ def quantize_checkpoint(
                             writer.add(name, t, "FLOAT")
                             result.kept_float.append(name)
                         bar.update(name)
-                for side in sorted(src.iterdir()):
-                    if (
-                        side.is_file()
-                        and side.name not in (INDEX_FILE, DESCRIPTION_FILE)
-                        and not side.name.endswith(_WEIGHT_FILE_SUFFIXES)
-                    ):
-                        writer.copy_file(side)
+                writer.copy_side_files(src)
                 group = config.group_size if isinstance(config, W8A16) else 0
                 writer.flush()
                 result.shards = writer.num_shards

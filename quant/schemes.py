@@ -5,7 +5,7 @@ model_dtype)`` is the ONE place in the code base that knows the checkpoint tenso
 and dtypes of a quantized ``nn.Linear`` of weight shape ``(n, k)`` (out_features, in_features):
 the layers package creates its parameters from it and validates checkpoints against it.
 
-Checkpoint conventions (msmodelslim; see ``quant/checkpoint.py`` for the evidence):
+Checkpoint conventions (msmodelslim; evidence in the ``quant.checkpoint`` docstring):
 
 =================  ==================================================================
 scheme             tensors of a layer ``P`` (names are ``P + "." + suffix``)

@@ -243,9 +243,7 @@ def test_truncated_and_corrupted_files_are_named(tmp_path: Path) -> None:
     shard = sorted(ckpt.glob("*.safetensors"))[0]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
-    with pytest.raises(
-        tl.CheckpointError, match=r"unreadable safetensors|incomplete|Metadata"
-    ) as ei:
+    with pytest.raises(tl.CheckpointError, match=rf"{shard.name}: [\w.]+: truncated") as ei:
         tl.load_weights(block, ckpt)
     assert str(ckpt) in str(ei.value)
     shard.write_bytes(b"\xff" * 8 + b"{not json" + data[17:])

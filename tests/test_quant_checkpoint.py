@@ -89,8 +89,17 @@ def test_writer_refuses_existing_and_force_replaces(tmp_path):
     (target / "old.txt").write_text("x")
     with pytest.raises(FileExistsError, match="force"):
         CheckpointWriter(target)
-    _write(target, {"a.weight": torch.ones(2)}, force=True)
-    assert not (target / "old.txt").exists()
+    # force replaces only an earlier output (or an empty directory), never other data
+    with pytest.raises(FileExistsError, match="not a quantized checkpoint"):
+        CheckpointWriter(target, force=True)
+    assert (target / "old.txt").read_text() == "x"
+    (target / "old.txt").unlink()
+    _write(target, {"a.weight": torch.ones(2)}, force=True)  # empty directory
+    (target / "extra.txt").write_text("left by the user in an earlier output")
+    _write(target, {"b.weight": torch.ones(2)}, force=True)  # an earlier output
+    assert not (target / "extra.txt").exists()
+    with CheckpointReader(target) as r:
+        assert r.names() == ["b.weight"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temp dirs left
 
 
@@ -121,7 +130,7 @@ def test_stored_tensor_reads_ranges_straight_into_the_destination(tmp_path, monk
     usable as a safetensors slice; a truncated file is a ValueError naming it."""
     from safetensors.torch import save_file
 
-    import quant.checkpoint as ck
+    import quant.checkpoint.safetensors_file as ck
 
     monkeypatch.setattr(ck, "_SCRATCH_BYTES", 64)  # force multi-block converting reads
     monkeypatch.setattr(ck, "_IOV_MAX", 7)  # force several preadv batches
@@ -165,5 +174,7 @@ def test_stored_tensor_reads_ranges_straight_into_the_destination(tmp_path, monk
     with CheckpointReader(tmp_path) as r:
         header_end = 8 + int.from_bytes(data[:8], "little")
         (tmp_path / "model.safetensors").write_bytes(data[: header_end + 10])
-        with pytest.raises(ValueError, match=r"model\.safetensors.*end of file"):
+        with pytest.raises(ValueError, match=r"model\.safetensors: a: modified while being read"):
             r.tensor("a").read()
+    with pytest.raises(ValueError, match=r"model\.safetensors: \w+: truncated: the file has"):
+        CheckpointReader(tmp_path)

@@ -177,8 +177,12 @@ def test_cli_refuses_existing_output_without_force(tmp_path, capsys):
     assert _run(*argv) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "mine"
-    assert _run(*argv, "--force", "--skip", "up_proj") == 0
-    assert not (out / "keep.txt").exists()
+    assert _run(*argv, "--force") == 2  # not an earlier output: never deleted
+    assert "not a quantized checkpoint" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    assert _run(*argv, "--force") == 0  # an empty directory
+    assert _run(*argv, "--force", "--skip", "up_proj") == 0  # an earlier output
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     assert desc["model.layers.0.mlp.up_proj.weight"] == "FLOAT"
     assert desc["model.layers.0.mlp.down_proj.weight"] == "W8A16"
