@@ -295,7 +295,14 @@ class FP(Scheme):
         specs = [TensorSpec("weight", (n, k), model_dtype, True, (), _alt(model_dtype), "weight")]
         return specs + ([_bias_spec(n, model_dtype)] if bias else [])
 
-    def quantize(self, weight, bias, model_dtype, act_range=None, act_symmetric=False):
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
         out = {"weight": weight.to(model_dtype)}
         if bias is not None:
             out["bias"] = bias.to(model_dtype)
@@ -390,7 +397,14 @@ class W8A16(Scheme):
         ]
         return specs + ([_bias_spec(n, model_dtype)] if bias else [])
 
-    def quantize(self, weight, bias, model_dtype, act_range=None, act_symmetric=False):
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
 
         qw = quantize_weight(
             weight, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=model_dtype
@@ -480,7 +494,9 @@ class W8A8(Scheme):
                     values="scale",
                     use_dtype=deq_dt,
                 ),
-                TensorSpec("weight_offset", (n, 1), model_dtype, True, ((n,),), alt, values="offset"),
+                TensorSpec(
+                    "weight_offset", (n, 1), model_dtype, True, ((n,),), alt, values="offset"
+                ),
             ]
             return specs + ([_bias_spec(n, model_dtype)] if bias else [])
         # vllm-ascend declares input_offset int8; msmodelslim's docs give the model dtype.
@@ -505,7 +521,14 @@ class W8A8(Scheme):
         ]
         return specs
 
-    def quantize(self, weight, bias, model_dtype, act_range=None, act_symmetric=False):
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
 
         qw = quantize_weight(weight, symmetric=True, scale_dtype=model_dtype)
         out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
@@ -584,7 +607,15 @@ class W8A8(Scheme):
             kw["bias"] = bias
         return x1, kw
 
-    def linear(self, x, w_kn, args, bias=None, x3=None):
+    def linear(
+        self,
+        x: torch.Tensor,
+        w_kn: torch.Tensor,
+        args: Mapping[str, Any],
+        bias: torch.Tensor | None = None,
+        x3: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """W8A8 on one rank, with the model dtype as output (fp32 too: QuantLinear)."""
         x1, kw = self.op_inputs(x, args, bias)
         scale = kw.pop("dequant_scale")
         return kernels.quant_matmul(x1, w_kn, scale, output_dtype=args["output_dtype"], x3=x3, **kw)

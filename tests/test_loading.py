@@ -497,3 +497,30 @@ def test_merged_segments_must_agree_through_load_pretrained(tmp_path: Path) -> N
         tl.CheckpointError, match=r"gate_up_proj\.input_scale: segment 1 has .*segment 0"
     ):
         load("c", (scale, 2 * scale))
+
+
+def _load_layer_body(rank: int, ws: int) -> str:
+    """The per-layer path of the HF swap and the Megatron adapter (tp_layers.loader.load_layer)."""
+    import tp_layers as tl
+    from tp_layers.loader import load_layer
+
+    layer = tl.ColumnParallelLinear(
+        K, 2 * K, quant=SCHEMES["w8a16"], params_dtype=torch.bfloat16, prefix="up"
+    )
+    good = make_linear(2 * K, K, True, SCHEMES["w8a16"], 0)
+    load_layer(layer, good)
+    x = make_input((2, 3, K), seed=1)
+    with torch.no_grad():
+        y0 = layer(x)
+    bad = make_linear(2 * K, K, True, SCHEMES["w8a16"], 1)
+    bad["weight_scale"][K + 1] = float("inf")  # rank 1's half
+    with pytest.raises(tl.CheckpointError) as ei:
+        load_layer(layer, bad)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y0)
+    return str(ei.value)
+
+
+def test_load_layer_is_atomic_across_ranks() -> None:
+    msgs = run_ranks(2, _load_layer_body)
+    assert msgs[0] == msgs[1] and msgs[0].startswith("rank 1: up.weight_scale: contains NaN or inf")

@@ -262,7 +262,8 @@ def _stage_layer(
             # k-sliced row-parallel weight faulted in most pages of the whole tensor)
             layer.load_into(pname, dest, reader.tensor(full, on_read=report._count))
         except (ValueError, OSError) as e:
-            raise CheckpointError(f"{reader.info(full).file.name}: {full}: {e}") from e
+            text = str(e).removeprefix(f"{full}: ")  # the layer's label may repeat the name
+            raise CheckpointError(f"{reader.info(full).file.name}: {full}: {text}") from e
         consumed.add(full)
         report.loaded.append(full)
         dests[pname] = dest

@@ -201,10 +201,17 @@ class _MegatronLinearMixin(ParallelLinearBase):
 
     # -- Megatron-layout loading -------------------------------------------------------------
     def _megatron_weight_shape(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """A Megatron rank's weight: (n/tp, k) column, (n, k/tp) row."""
+        return (self.output_size_local, self.input_size_local)
 
     def _megatron_bias_len(self) -> int:
-        raise NotImplementedError
+        return self.output_size_local
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(in_features={self.input_size}, out_features="
+            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
+        )
 
     def load_megatron_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load this rank's Megatron shard: ``weight`` as a Megatron rank holds it ((n/tp, k)
@@ -433,12 +440,6 @@ class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
             self.tp.group,
         )
 
-    def _megatron_weight_shape(self) -> tuple[int, int]:
-        return (self.output_size_local, self.input_size)
-
-    def _megatron_bias_len(self) -> int:
-        return self.output_size_local
-
     def forward(
         self,
         input_: torch.Tensor,
@@ -450,12 +451,6 @@ class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
             raise ValueError(f"{self.where}: a weight passed to forward is not supported")
         out = ColumnParallelLinear.forward(self, input_, gather=runtime_gather_output)
         return out if self.skip_bias_add else (out, None)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(in_features={self.input_size}, out_features="
-            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
-        )
 
 
 class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
@@ -506,12 +501,6 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
             self.tp.group,
         )
 
-    def _megatron_weight_shape(self) -> tuple[int, int]:
-        return (self.output_size, self.input_size_local)
-
-    def _megatron_bias_len(self) -> int:
-        return self.output_size
-
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[s, b, input_size / tp]`` (or full with ``input_is_parallel=False``) ->
         ``([s, b, output_size], bias or None)``, summed over the TP group."""
@@ -520,12 +509,6 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
         if self.skip_bias_add:
             return out
         return out, None
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(in_features={self.input_size}, out_features="
-            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
-        )
 
 
 class MegatronLinearClasses(NamedTuple):

@@ -13,19 +13,34 @@ formula (``op_inputs``), so the fused (prefill) and unfused (decode) paths compu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 import ascend_ops
-from quant.schemes import FP, W8A8, W8A16, Scheme
-
-if TYPE_CHECKING:
-    from tp_layers.linear import ParallelLinearBase
+from quant.schemes import FP, W8A8, W8A16, Scheme, TensorSpec
 
 __all__ = ["FPMethod", "LinearMethod", "W8A8Method", "W8A16Method", "method_for", "register"]
 
 FORMAT_NZ = 29
+
+
+class LinearLayer(Protocol):
+    """What a method reads of its layer (tp_layers.linear.ParallelLinearBase)."""
+
+    where: str
+    input_size: int
+    output_size: int
+    has_bias: bool
+    params_dtype: torch.dtype
+    nz: bool
+    adds_bias: bool
+    weight: torch.Tensor
+    kernel_args: dict[str, Any]
+
+    def add_checkpoint_param(self, spec: TensorSpec) -> None: ...
+
+
 _METHODS: dict[type[Scheme], type[LinearMethod]] = {}
 
 
@@ -57,7 +72,7 @@ class LinearMethod:
     def __init__(self, scheme: Scheme) -> None:
         self.scheme = scheme
 
-    def create_weights(self, layer: ParallelLinearBase) -> None:
+    def create_weights(self, layer: LinearLayer) -> None:
         """Register one sharded parameter per checkpoint tensor (quant.schemes.tensor_specs)."""
         specs = self.scheme.tensor_specs(
             layer.output_size, layer.input_size, layer.has_bias, layer.params_dtype
@@ -66,7 +81,7 @@ class LinearMethod:
             layer.add_checkpoint_param(spec)
 
     def process_weights_after_loading(
-        self, layer: ParallelLinearBase, t: Mapping[str, torch.Tensor]
+        self, layer: LinearLayer, t: Mapping[str, torch.Tensor]
     ) -> dict[str, Any]:
         """Checkpoint-layout local tensors ``t`` -> the kernel arguments (``"weight"``: the
         (k, n) weight, the rest keyword arguments of the scheme's formula). No side effects."""
@@ -91,29 +106,26 @@ class LinearMethod:
             w = layout.format_cast(w, FORMAT_NZ)
         return w
 
-    def _args(self, layer: ParallelLinearBase) -> dict[str, Any]:
-        return layer.kernel_args
-
     def apply(
         self,
-        layer: ParallelLinearBase,
+        layer: LinearLayer,
         x: torch.Tensor,
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This rank's ``x @ W + bias + residual``: x (..., k_local) -> (..., n_local)."""
-        return self.scheme.linear(x, layer.weight, self._args(layer), bias, residual)
+        return self.scheme.linear(x, layer.weight, layer.kernel_args, bias, residual)
 
     def apply_fused(
         self,
-        layer: ParallelLinearBase,
+        layer: LinearLayer,
         x: torch.Tensor,
         hcom: str,
         bias: torch.Tensor | None = None,
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``all_reduce(x @ W + bias) + residual`` in one ``mm_all_reduce_base`` call."""
-        x1, kw = self.scheme.op_inputs(x, self._args(layer), bias)
+        x1, kw = self.scheme.op_inputs(x, layer.kernel_args, bias)
         return ascend_ops.mm_all_reduce_base(x1, layer.weight, hcom, x3=residual, **kw)
 
 
@@ -140,7 +152,7 @@ class W8A8Method(LinearMethod):
     by rank 0 of a row layer, whatever the path. Dynamic: per-token activation scale; inside
     the fused op a float bias must be int32, so it is added through ``x3`` instead."""
 
-    def create_weights(self, layer: ParallelLinearBase) -> None:
+    def create_weights(self, layer: LinearLayer) -> None:
         if layer.params_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"{layer.where}: W8A8 output must be float16 or bfloat16 "
@@ -148,13 +160,22 @@ class W8A8Method(LinearMethod):
             )
         super().create_weights(layer)
 
-    def process_weights_after_loading(self, layer, t):
+    def process_weights_after_loading(
+        self, layer: LinearLayer, t: Mapping[str, torch.Tensor]
+    ) -> dict[str, Any]:
         args = super().process_weights_after_loading(layer, t)
         if "quant_bias" in args and not layer.adds_bias:
             args["quant_bias"] = None
         return args
 
-    def apply_fused(self, layer, x, hcom, bias=None, residual=None):
+    def apply_fused(
+        self,
+        layer: LinearLayer,
+        x: torch.Tensor,
+        hcom: str,
+        bias: torch.Tensor | None = None,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if bias is not None:  # dynamic: a float bias -> x3
             pb = bias.expand(*x.shape[:-1], bias.shape[-1])
             residual = pb.contiguous() if residual is None else residual + pb
