@@ -426,15 +426,16 @@ class W8A16(Scheme):
         scale = t["weight_scale"].reshape(t["weight_scale"].shape[0], -1)  # (n, 1) or (n, G)
         offset = to_antiquant_offset(t["weight_offset"].float()).reshape(scale.shape)
         # One group (a rank's k equal to g) is per-channel: the op needs g <= k - 1 (Q3).
-        if scale.shape[1] == 1:
-            scale, offset, group_size = scale.reshape(-1), offset.reshape(-1), 0
-        else:
-            scale, offset, group_size = scale.t().contiguous(), offset.t().contiguous(), None
+        per_channel = scale.shape[1] == 1
+        if per_channel:  # [n]
+            scale, offset = scale.reshape(-1), offset.reshape(-1)
+        else:  # [k / g, n]
+            scale, offset = scale.t().contiguous(), offset.t().contiguous()
         scale, offset = scale.to(model_dtype), offset.to(model_dtype)
         return {
             "antiquant_scale": scale,
             "antiquant_offset": offset if bool(offset.any()) else None,
-            "antiquant_group_size": self.group_size if group_size is None else 0,
+            "antiquant_group_size": 0 if per_channel else self.group_size,
         }
 
 

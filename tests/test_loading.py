@@ -524,3 +524,25 @@ def _load_layer_body(rank: int, ws: int) -> str:
 def test_load_layer_is_atomic_across_ranks() -> None:
     msgs = run_ranks(2, _load_layer_body)
     assert msgs[0] == msgs[1] and msgs[0].startswith("rank 1: up.weight_scale: contains NaN or inf")
+
+
+def test_sharded_parameters_survive_deepcopy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    import tp_layers as tl
+    from tp_layers.param import ShardedParameter
+
+    layer = tl.RowParallelLinear(64, 16, quant=SCHEMES["w8a16"], params_dtype=torch.bfloat16)
+    layer.weight.partition_dim = 1  # an attribute another framework stamps (Megatron)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        for name, p in other.checkpoint_params().items():
+            q = layer.checkpoint_params()[name]
+            assert isinstance(p, ShardedParameter) and p.weight_loader.__self__ is other
+            assert (p.spec, p.tp_dim, p.raw_shape, p.raw_dtype) == (
+                q.spec,
+                q.tp_dim,
+                q.raw_shape,
+                q.raw_dtype,
+            )
+        assert other.weight.partition_dim == 1

@@ -10,6 +10,7 @@ of its attributes (Megatron's ``partition_dim`` etc. too).
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import Any
 
@@ -51,9 +52,7 @@ class ShardedParameter(nn.Parameter):
 
     def materialize(self, data: torch.Tensor) -> ShardedParameter:
         """A parameter holding ``data`` with this one's attributes."""
-        new = ShardedParameter(data)
-        new.__dict__.update(self.__dict__)
-        return new
+        return _with_attrs(ShardedParameter(data), self.__dict__)
 
     def empty(self, device: torch.device | None = None) -> torch.Tensor:
         """An uninitialised checkpoint-layout tensor of this shard (meta -> CPU)."""
@@ -61,18 +60,22 @@ class ShardedParameter(nn.Parameter):
         return torch.empty(self.raw_shape, dtype=self.raw_dtype, device=dev)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> ShardedParameter:
-        new = self.materialize(self.data.clone(memory_format=torch.preserve_format))
-        memo[id(self)] = new
-        return new
+        new = ShardedParameter(self.data.clone(memory_format=torch.preserve_format))
+        memo[id(self)] = new  # before the attributes: weight_loader refers back to the layer
+        return _with_attrs(new, copy.deepcopy(self.__dict__, memo))
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (_rebuild, (self.data, dict(self.__dict__)))
 
 
-def _rebuild(data: torch.Tensor, attrs: dict[str, Any]) -> ShardedParameter:
-    p = ShardedParameter(data)
-    p.__dict__.update(attrs)
+def _with_attrs(p: nn.Parameter, attrs: dict[str, Any]) -> Any:
+    """``p`` with the (public) attributes ``attrs`` of another parameter."""
+    p.__dict__.update({k: v for k, v in attrs.items() if not k.startswith("_")})
     return p
+
+
+def _rebuild(data: torch.Tensor, attrs: dict[str, Any]) -> ShardedParameter:
+    return _with_attrs(ShardedParameter(data), attrs)
 
 
 def set_data(module: nn.Module, name: str, data: torch.Tensor) -> None:
@@ -85,7 +88,5 @@ def set_data(module: nn.Module, name: str, data: torch.Tensor) -> None:
         return
     if isinstance(old, ShardedParameter):
         module._parameters[name] = old.materialize(data)
-        return
-    new = nn.Parameter(data, requires_grad=old.requires_grad)
-    new.__dict__.update({k: v for k, v in old.__dict__.items() if not k.startswith("_")})
-    module._parameters[name] = new
+    else:
+        module._parameters[name] = _with_attrs(nn.Parameter(data, old.requires_grad), old.__dict__)
