@@ -20,12 +20,15 @@ float dtype.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ascend_ops.kernels import dynamic_quant, quantize
-from quant.convention import deq_scale_to_float32, deq_scale_to_int64
-from quant.schemes import FP, W8A8, W8A16, Scheme
+from quant.convention import deq_scale_to_float32
+
+if TYPE_CHECKING:
+    from quant.schemes import Scheme
 
 __all__ = [
     "ActivationRange",
@@ -133,6 +136,13 @@ def quantize_weight(
     G = w.shape[1]
     flat = w.reshape(n * G, -1)
     q = quantize(flat, scale.reshape(-1), offset.reshape(-1), axis=0)
+    if dt == torch.float16:  # W8A16 kernels round (q - offset) * scale to fp16: it must fit
+        top = (q.float() - offset.reshape(-1, 1).float()).abs().amax(-1) * scale.reshape(-1).float()
+        if not bool(torch.isfinite(scale).all()) or bool((top > torch.finfo(dt).max).any()):
+            raise ValueError(
+                "weight: fp16 scales overflow: (q - offset) * scale exceeds 65504 (fp16 max) in "
+                f"{int((top > torch.finfo(dt).max).sum())} rows/groups; use bfloat16 scales"
+            )
     return QuantizedWeight(q.reshape(n, k), scale, offset, group_size)
 
 
@@ -298,44 +308,8 @@ def quantize_linear(
     """
     dt = model_dtype or weight.dtype
     n, k = weight.shape
-    specs = scheme.spec_map(n, k, bias is not None, dt)
-    out: dict[str, torch.Tensor] = {}
-    if isinstance(scheme, FP):
-        out["weight"] = weight.to(dt)
-        if bias is not None:
-            out["bias"] = bias.to(dt)
-    elif isinstance(scheme, W8A16):
-        qw = quantize_weight(
-            weight, group_size=scheme.group_size, symmetric=scheme.symmetric, scale_dtype=dt
-        )
-        out.update(weight=qw.qweight, weight_scale=qw.scale, weight_offset=qw.offset)
-        if bias is not None:
-            out["bias"] = bias.to(dt)
-    elif isinstance(scheme, W8A8):
-        qw = quantize_weight(weight, symmetric=True, scale_dtype=dt)
-        out.update(weight=qw.qweight)
-        if scheme.dynamic:
-            out.update(weight_scale=qw.scale, weight_offset=qw.offset)
-            if bias is not None:
-                out["bias"] = bias.to(dt)
-        else:
-            if act_range is None:
-                raise ValueError("static W8A8 needs act_range (calibrated input range)")
-            in_scale, in_offset = activation_qparams(act_range, dt, symmetric=act_symmetric)
-            deq = compute_deq_scale(in_scale, qw.scale)
-            out.update(
-                input_scale=in_scale,
-                input_offset=in_offset,
-                deq_scale=deq_scale_to_int64(deq)
-                if specs["deq_scale"].dtype == torch.int64
-                else deq,
-                quant_bias=compute_quant_bias(bias, deq, qw.qweight, in_offset),
-                weight_scale=qw.scale,
-                weight_offset=qw.offset,
-            )
-    else:  # pragma: no cover - unknown Scheme subclass
-        raise TypeError(f"unsupported scheme {scheme!r}")
-    for name, spec in specs.items():
+    out = scheme.quantize(weight, bias, dt, act_range, act_symmetric)
+    for name, spec in scheme.spec_map(n, k, bias is not None, dt).items():
         if name in out:
             spec.check(out[name].shape, out[name].dtype)
     return out
@@ -349,22 +323,4 @@ def dequantize_linear(
     For static W8A8 the returned bias is the float bias folded in quant_bias
     (``(quant_bias + input_offset * sum_k Wq) * deq_scale``), None if that is all zero.
     """
-    bias = tensors.get("bias")
-    bias = None if bias is None else bias.to(torch.float32)
-    if isinstance(scheme, FP):
-        return tensors["weight"].to(torch.float32), bias
-    q = tensors["weight"]
-    if isinstance(scheme, W8A16) or (isinstance(scheme, W8A8) and scheme.dynamic):
-        g = scheme.group_size if isinstance(scheme, W8A16) else 0
-        return dequantize_weight(q, tensors["weight_scale"], tensors.get("weight_offset"), g), bias
-    # static W8A8
-    deq = deq_scale_to_float32(tensors["deq_scale"])
-    if "weight_scale" in tensors:
-        ws = tensors["weight_scale"].to(torch.float32).reshape(-1)
-    else:
-        ws = deq / tensors["input_scale"].to(torch.float32).reshape(())
-    w = dequantize_weight(q, ws.reshape(-1, 1))
-    off = tensors["input_offset"].to(torch.float64).reshape(())
-    acc = tensors["quant_bias"].to(torch.float64) + off * q.to(torch.float64).sum(dim=1)
-    folded = (acc * deq.to(torch.float64)).to(torch.float32)
-    return w, (None if bool((acc == 0).all()) else folded)
+    return scheme.dequantize(tensors)

@@ -14,17 +14,8 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import nn
 
-from ascend_ops.kernels import quant_matmul, weight_quant_matmul
-from ascend_ops.quant_param import trans_quant_param
-from quant.algorithms import (
-    ActivationRange,
-    dequantize_linear,
-    dynamic_quant_activation,
-    quantize_activation,
-    quantize_linear,
-)
-from quant.convention import deq_scale_to_float32, to_antiquant_offset
-from quant.schemes import FP, W8A8, W8A16, Scheme
+from quant.algorithms import ActivationRange, quantize_linear
+from quant.schemes import Scheme
 
 __all__ = ["DEFAULT_SKIP_PATTERNS", "QuantLinear", "is_skipped", "quantize_"]
 
@@ -99,7 +90,7 @@ class QuantLinear(nn.Module):
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float32 (weight (n, k), bias (n,) or None) this layer represents."""
-        return dequantize_linear(self.checkpoint_tensors(), self.scheme)
+        return self.scheme.dequantize(self.checkpoint_tensors())
 
     def extra_repr(self) -> str:
         return (
@@ -108,42 +99,10 @@ class QuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.scheme
-        bias: torch.Tensor | None = getattr(self, "bias", None)
-        if isinstance(s, FP):
-            w = self.weight.to(x.dtype)
-            return nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-        w_kn = self.weight.t()
-        if isinstance(s, W8A16):
-            scale, offset = self.weight_scale, to_antiquant_offset(self.weight_offset)
-            if s.group_size == 0:  # [n, 1] -> [n]
-                scale, offset = scale.reshape(-1), offset.reshape(-1)
-            else:  # [n, k/g] -> [k/g, n]
-                scale, offset = scale.t().contiguous(), offset.t().contiguous()
-            return weight_quant_matmul(
-                x,
-                w_kn,
-                scale.to(x.dtype),
-                offset.to(x.dtype),
-                None if bias is None else bias.float(),
-                s.group_size,
-            )
-        assert isinstance(s, W8A8)
-        if s.dynamic:
-            xq, pertoken = dynamic_quant_activation(x)
-            return quant_matmul(
-                xq,
-                w_kn,
-                self.weight_scale.to(torch.float32).reshape(-1),
-                pertoken_scale=pertoken,
-                bias=None if bias is None else bias.float(),
-                output_dtype=x.dtype,
-            )
-        xq = quantize_activation(x, self.input_scale, self.input_offset)
-        deq = self.deq_scale
-        if deq.dtype == torch.int64:  # fp16 model: pack as the layers will (19-bit scale)
-            deq = trans_quant_param(deq_scale_to_float32(deq))
-        return quant_matmul(xq, w_kn, deq, bias=self.quant_bias, output_dtype=x.dtype)
+        """x: (..., k) -> (..., n): the scheme's formula, as the parallel layers run it."""
+        args = self.scheme.kernel_args(self.checkpoint_tensors(), x.dtype)
+        bias = getattr(self, "bias", None)
+        return self.scheme.linear(x, self.weight.t(), args, bias)
 
 
 def _default_filter(module: nn.Module, fqn: str) -> bool:
@@ -167,7 +126,7 @@ def quantize_(
     """
     if filter_fn is None:
         filter_fn = _default_filter
-    static = isinstance(config, W8A8) and not config.dynamic
+    static = config.needs_calibration
     targets = [
         (fqn, m)
         for fqn, m in model.named_modules()

@@ -29,11 +29,23 @@ Offsets follow msmodelslim: ``w ~ (q - offset) * scale``. The fused kernels use
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
+
+from ascend_ops import kernels
+from ascend_ops.quant_param import trans_quant_param
+from quant.algorithms import (
+    ActivationRange,
+    activation_qparams,
+    compute_deq_scale,
+    compute_quant_bias,
+    dequantize_weight,
+    quantize_weight,
+)
+from quant.convention import deq_scale_to_float32, deq_scale_to_int64, to_antiquant_offset
 
 __all__ = [
     "FP",
@@ -46,6 +58,7 @@ __all__ = [
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+Tensors = Mapping[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -56,7 +69,10 @@ class TensorSpec:
     ``shape`` / ``dtype`` are what this package writes; ``accept_shapes`` / ``accept_dtypes``
     list the alternatives other producers (msmodelslim versions, vllm-ascend) are known to
     emit, which loaders must accept and convert. ``required=False`` marks tensors a valid
-    checkpoint may omit.
+    checkpoint may omit. ``kind`` says how a parallel layer shards it ("weight", "group" (one
+    value per group of k), "channel" (one per output), "tensor" (one value), "bias").
+    ``values`` says how its values are checked: "any", "scale" (finite, non-zero) or "offset"
+    (finite), in ``use_dtype``, the dtype the kernels use it in.
     """
 
     name: str
@@ -65,12 +81,21 @@ class TensorSpec:
     required: bool = True
     accept_shapes: tuple[tuple[int, ...], ...] = ()
     accept_dtypes: tuple[torch.dtype, ...] = ()
+    kind: str = "channel"
+    values: str = "any"
+    use_dtype: torch.dtype = torch.float32
 
     def allowed_shapes(self) -> tuple[tuple[int, ...], ...]:
         return (self.shape, *self.accept_shapes)
 
     def allowed_dtypes(self) -> tuple[torch.dtype, ...]:
         return (self.dtype, *self.accept_dtypes)
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """dtype a loader keeps it in before processing: checked values (scales, offsets) in
+        float32 (lossless for any producer), the rest as the scheme writes it."""
+        return self.dtype if self.values == "any" else torch.float32
 
     def check(self, shape: Iterable[int], dtype: torch.dtype, *, where: str = "") -> None:
         """Raise ValueError if a stored tensor of ``shape`` / ``dtype`` does not fit this spec."""
@@ -87,6 +112,27 @@ class TensorSpec:
                 f"{' or '.join(str(d) for d in self.allowed_dtypes())}"
             )
 
+    def validate(self, t: torch.Tensor, label: str) -> torch.Tensor:
+        """Stored values -> the values to keep (``storage_dtype``), checked by ``values`` in
+        ``use_dtype``: a float32 scale that becomes 0 or inf in an fp16 kernel is refused."""
+        if self.values == "any":
+            return t
+        if t.dtype == torch.int64:  # deq_scale of fp16 models: float32 bits in an int64
+            t = deq_scale_to_float32(t)
+        t = t.to(torch.float32)
+        used = t.to(self.use_dtype)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{label}: contains NaN or inf")
+        if not bool(torch.isfinite(used).all()):
+            raise ValueError(
+                f"{label}: a value overflows {self.use_dtype} (max |value| "
+                f"{float(t.abs().max()):.4g}), the dtype the kernel uses it in"
+            )
+        if self.values == "scale" and bool((used == 0).any()):
+            where = "" if bool((t == 0).any()) else f" after the cast to {self.use_dtype}"
+            raise ValueError(f"{label}: contains a zero scale{where}")
+        return t
+
 
 def _check_model_dtype(model_dtype: torch.dtype) -> None:
     if model_dtype not in _FLOAT_DTYPES:
@@ -98,10 +144,41 @@ def _check_nk(n: int, k: int) -> None:
         raise ValueError(f"layer shape: n and k must be positive, got n={n}, k={k}")
 
 
+def _alt(model_dtype: torch.dtype) -> tuple[torch.dtype, ...]:
+    """Float checkpoint dtypes other than the model's (loaders cast)."""
+    return tuple(d for d in _FLOAT_DTYPES if d != model_dtype)
+
+
+def _bias_spec(n: int, model_dtype: torch.dtype) -> TensorSpec:
+    return TensorSpec("bias", (n,), model_dtype, True, (), _alt(model_dtype), kind="bias")
+
+
+# quant type string (upper case) -> scheme class; filled by Scheme.__init_subclass__
+_BY_QUANT_TYPE: dict[str, type[Scheme]] = {}
+
+
 class Scheme:
-    """Base of the scheme configs. ``quant_type`` is msmodelslim's type string."""
+    """Base of the scheme configs. ``quant_type`` is msmodelslim's type string.
+
+    A scheme is the one place that knows its checkpoint tensors (``tensor_specs``), how to
+    make them from a float layer (``quantize``) and back (``dequantize``), and its forward
+    formula (``kernel_args`` once per loaded layer, ``op_inputs`` / ``linear`` per call),
+    which both ``quant.QuantLinear`` and the parallel layers of ``tp_layers`` run. A subclass
+    is registered under its ``quant_types`` (``scheme_from_name``).
+    """
 
     quant_type: ClassVar[str] = ""
+    quant_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in cls.quant_types:
+            _BY_QUANT_TYPE[name] = cls
+
+    @classmethod
+    def from_quant_type(cls, key: str, group_size: int, symmetric: bool) -> Scheme:
+        """The scheme of quant type ``key`` (one of ``quant_types``)."""
+        return cls()
 
     @property
     def name(self) -> str:
@@ -111,6 +188,11 @@ class Scheme:
     @property
     def is_quantized(self) -> bool:
         return self.quant_type != "FLOAT"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True if quantizing needs observed activation ranges (static W8A8)."""
+        return False
 
     @property
     def group_size(self) -> int:
@@ -132,12 +214,76 @@ class Scheme:
         """``tensor_specs`` keyed by suffix name."""
         return {s.name: s for s in self.tensor_specs(n, k, bias, model_dtype)}
 
+    # -- float layer <-> checkpoint tensors ------------------------------------------------
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """weight (n, k) / bias (n,) float -> checkpoint tensors (see quant.quantize_linear)."""
+        raise NotImplementedError
+
+    def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checkpoint tensors -> float32 (weight (n, k), bias (n,) or None)."""
+        raise NotImplementedError
+
+    # -- the forward formula ---------------------------------------------------------------
+    def kernel_args(self, t: Tensors, model_dtype: torch.dtype) -> dict[str, Any]:
+        """Checkpoint-layout scale tensors (float scales in float32) -> the kernels' keyword
+        arguments that do not change per call (antiquant / dequant scales, ...)."""
+        return {}
+
+    def op_inputs(
+        self, x: torch.Tensor, args: Mapping[str, Any], bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Activation x: (..., k) -> (x1, keyword arguments) of ``ascend_ops.kernels.mm_local``
+        / ``mm_all_reduce_base``; ``bias``: the float bias this call adds, or None."""
+        kw = dict(args)
+        if bias is not None:
+            kw["bias"] = bias
+        return x, kw
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        w_kn: torch.Tensor,
+        args: Mapping[str, Any],
+        bias: torch.Tensor | None = None,
+        x3: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x @ W + bias + x3`` on one rank: x (..., k), w_kn (k, n) -> (..., n)."""
+        x1, kw = self.op_inputs(x, args, bias)
+        return kernels.mm_local(x1, w_kn, x3=x3, **kw)
+
+
+def scheme_from_name(quant_type: str, group_size: int = 0, *, symmetric: bool = True) -> Scheme:
+    """Scheme of msmodelslim's quant type string (``"FLOAT"``, ``"W8A16"``, ``"W8A8"``,
+    ``"W8A8_DYNAMIC"``; case-insensitive; ``"fp"`` also means FLOAT). ``group_size`` only
+    applies to W8A16 (the description file's global ``group_size``)."""
+    if not isinstance(quant_type, str):
+        raise TypeError(f"quant_type: must be a str, got {type(quant_type).__name__}")
+    key = quant_type.strip().upper()
+    cls = _BY_QUANT_TYPE.get(key)
+    if cls is None:
+        raise ValueError(
+            f"unknown quant type {quant_type!r}; expected one of "
+            + ", ".join(sorted(_BY_QUANT_TYPE))
+        )
+    return cls.from_quant_type(key, group_size, symmetric)
+
+
+parse_scheme = scheme_from_name
+
 
 @dataclass(frozen=True)
 class FP(Scheme):
     """Unquantized layer: the float weight (and bias) as in the source model."""
 
     quant_type: ClassVar[str] = "FLOAT"
+    quant_types: ClassVar[tuple[str, ...]] = ("FLOAT", "FP", "FP16", "BF16")
 
     def tensor_specs(
         self, n: int, k: int, bias: bool, model_dtype: torch.dtype
@@ -146,11 +292,25 @@ class FP(Scheme):
         _check_model_dtype(model_dtype)
         # a float checkpoint may be stored in another float dtype than the model runs in
         # (e.g. bf16 weights loaded into an fp32 model): loaders cast.
-        alt = tuple(d for d in _FLOAT_DTYPES if d != model_dtype)
-        specs = [TensorSpec("weight", (n, k), model_dtype, True, (), alt)]
-        if bias:
-            specs.append(TensorSpec("bias", (n,), model_dtype, True, (), alt))
-        return specs
+        specs = [TensorSpec("weight", (n, k), model_dtype, True, (), _alt(model_dtype), "weight")]
+        return specs + ([_bias_spec(n, model_dtype)] if bias else [])
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        out = {"weight": weight.to(model_dtype)}
+        if bias is not None:
+            out["bias"] = bias.to(model_dtype)
+        return out
+
+    def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = t.get("bias")
+        return t["weight"].to(torch.float32), None if b is None else b.to(torch.float32)
 
 
 @dataclass(frozen=True)
@@ -162,11 +322,20 @@ class W8A16(Scheme):
     positive multiple of 32 that divides k and is smaller than k (rule Q3).
     ``symmetric=True``: ``scale = absmax / 127``, offset 0; ``False``: min-max asymmetric,
     ``scale = (max - min) / 255`` with the range widened to include 0, integer offset.
+
+    fp16 caveat: the kernel (and its vendor golden) rounds ``(w + offset) * scale`` to the
+    activation dtype before the matmul, so with fp16 a product beyond 65504 is inf (then NaN
+    in the sum) even where the exact result fits; the quantizer refuses such fp16 scales.
     """
 
     quant_type: ClassVar[str] = "W8A16"
+    quant_types: ClassVar[tuple[str, ...]] = ("W8A16",)
     group_size: int = 0  # type: ignore[assignment]
     symmetric: bool = True
+
+    @classmethod
+    def from_quant_type(cls, key: str, group_size: int, symmetric: bool) -> Scheme:
+        return cls(group_size=group_size, symmetric=symmetric)
 
     def __post_init__(self) -> None:
         g = self.group_size
@@ -201,15 +370,73 @@ class W8A16(Scheme):
         # msmodelslim's docs give weight_scale float32 and per-channel [n]; vllm-ascend creates
         # [n, 1] in the model dtype. We write the latter and accept the former.
         alt_shapes = ((n,),) if self.group_size == 0 else ()
-        alt_dtypes = tuple(d for d in _FLOAT_DTYPES if d != model_dtype)
+        kind = "channel" if self.group_size == 0 else "group"
+        scale = {"kind": kind, "use_dtype": model_dtype}
         specs = [
-            TensorSpec("weight", (n, k), torch.int8),
-            TensorSpec("weight_scale", shape, model_dtype, True, alt_shapes, alt_dtypes),
-            TensorSpec("weight_offset", shape, model_dtype, True, alt_shapes, alt_dtypes),
+            TensorSpec("weight", (n, k), torch.int8, kind="weight"),
+            TensorSpec(
+                "weight_scale",
+                shape,
+                model_dtype,
+                True,
+                alt_shapes,
+                _alt(model_dtype),
+                values="scale",
+                **scale,
+            ),
+            TensorSpec(
+                "weight_offset",
+                shape,
+                model_dtype,
+                True,
+                alt_shapes,
+                _alt(model_dtype),
+                values="offset",
+                **scale,
+            ),
         ]
-        if bias:
-            specs.append(TensorSpec("bias", (n,), model_dtype, True, (), alt_dtypes))
-        return specs
+        return specs + ([_bias_spec(n, model_dtype)] if bias else [])
+
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
+
+        qw = quantize_weight(
+            weight, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=model_dtype
+        )
+        out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
+        if bias is not None:
+            out["bias"] = bias.to(model_dtype)
+        return out
+
+    def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+
+        b = t.get("bias")
+        w = dequantize_weight(
+            t["weight"], t["weight_scale"], t.get("weight_offset"), self.group_size
+        )
+        return w, None if b is None else b.to(torch.float32)
+
+    def kernel_args(self, t: Tensors, model_dtype: torch.dtype) -> dict[str, Any]:
+        scale = t["weight_scale"].reshape(t["weight_scale"].shape[0], -1)  # (n, 1) or (n, G)
+        offset = to_antiquant_offset(t["weight_offset"].float()).reshape(scale.shape)
+        # One group (a rank's k equal to g) is per-channel: the op needs g <= k - 1 (Q3).
+        per_channel = scale.shape[1] == 1
+        if per_channel:  # [n]
+            scale, offset = scale.reshape(-1), offset.reshape(-1)
+        else:  # [k / g, n]
+            scale, offset = scale.t().contiguous(), offset.t().contiguous()
+        scale, offset = scale.to(model_dtype), offset.to(model_dtype)
+        return {
+            "antiquant_scale": scale,
+            "antiquant_offset": offset if bool(offset.any()) else None,
+            "antiquant_group_size": 0 if per_channel else self.group_size,
+        }
 
 
 @dataclass(frozen=True)
@@ -224,35 +451,61 @@ class W8A8(Scheme):
 
     dynamic: bool = False
     quant_type: ClassVar[str] = "W8A8"  # per instance: see ``name``
+    quant_types: ClassVar[tuple[str, ...]] = ("W8A8", "W8A8_DYNAMIC")
+
+    @classmethod
+    def from_quant_type(cls, key: str, group_size: int, symmetric: bool) -> Scheme:
+        return cls(dynamic=key == "W8A8_DYNAMIC")
 
     @property
     def name(self) -> str:
         return "W8A8_DYNAMIC" if self.dynamic else "W8A8"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return not self.dynamic
 
     @staticmethod
     def deq_scale_dtype(model_dtype: torch.dtype) -> torch.dtype:
         """int64 (float32 bits zero-extended) for fp16 models, float32 otherwise (msmodelslim)."""
         return torch.int64 if model_dtype == torch.float16 else torch.float32
 
+    @staticmethod
+    def _dequant_dtype(model_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the kernel's dequant scale (dtype table 3): bf16 for bf16 output, else f32."""
+        return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float32
+
     def tensor_specs(
         self, n: int, k: int, bias: bool, model_dtype: torch.dtype
     ) -> list[TensorSpec]:
         self.validate_layer(n, k)
         _check_model_dtype(model_dtype)
-        alt_dtypes = tuple(d for d in _FLOAT_DTYPES if d != model_dtype)
-        specs = [TensorSpec("weight", (n, k), torch.int8)]
+        alt = _alt(model_dtype)
+        deq_dt = self._dequant_dtype(model_dtype)
+        specs = [TensorSpec("weight", (n, k), torch.int8, kind="weight")]
         if self.dynamic:
             specs += [
-                TensorSpec("weight_scale", (n, 1), model_dtype, True, ((n,),), alt_dtypes),
-                TensorSpec("weight_offset", (n, 1), model_dtype, True, ((n,),), alt_dtypes),
+                TensorSpec(
+                    "weight_scale",
+                    (n, 1),
+                    model_dtype,
+                    True,
+                    ((n,),),
+                    alt,
+                    values="scale",
+                    use_dtype=deq_dt,
+                ),
+                TensorSpec(
+                    "weight_offset", (n, 1), model_dtype, True, ((n,),), alt, values="offset"
+                ),
             ]
-            if bias:
-                specs.append(TensorSpec("bias", (n,), model_dtype, True, (), alt_dtypes))
-            return specs
+            return specs + ([_bias_spec(n, model_dtype)] if bias else [])
         # vllm-ascend declares input_offset int8; msmodelslim's docs give the model dtype.
         specs += [
-            TensorSpec("input_scale", (1,), model_dtype, True, (), alt_dtypes),
-            TensorSpec("input_offset", (1,), model_dtype, True, (), (*alt_dtypes, torch.int8)),
+            TensorSpec("input_scale", (1,), model_dtype, True, (), alt, "tensor", "scale"),
+            TensorSpec(
+                "input_offset", (1,), model_dtype, True, (), (*alt, torch.int8), "tensor", "offset"
+            ),
             TensorSpec(
                 "deq_scale",
                 (n,),
@@ -260,36 +513,110 @@ class W8A8(Scheme):
                 True,
                 (),
                 (torch.int64, torch.float32),
+                values="scale",
+                use_dtype=deq_dt,
             ),
-            TensorSpec("quant_bias", (n,), torch.int32),
-            TensorSpec("weight_scale", (n, 1), model_dtype, False, ((n,),), alt_dtypes),
-            TensorSpec("weight_offset", (n, 1), model_dtype, False, ((n,),), alt_dtypes),
+            TensorSpec("quant_bias", (n,), torch.int32, kind="bias"),
+            TensorSpec("weight_scale", (n, 1), model_dtype, False, ((n,),), alt, values="scale"),
+            TensorSpec("weight_offset", (n, 1), model_dtype, False, ((n,),), alt, values="offset"),
         ]
         return specs
 
+    def quantize(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        model_dtype: torch.dtype,
+        act_range: ActivationRange | None = None,
+        act_symmetric: bool = False,
+    ) -> dict[str, torch.Tensor]:
 
-_NAMES = {"FLOAT": "fp", "W8A16": "w8a16", "W8A8": "w8a8", "W8A8_DYNAMIC": "w8a8_dynamic"}
+        qw = quantize_weight(weight, symmetric=True, scale_dtype=model_dtype)
+        out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
+        if self.dynamic:
+            if bias is not None:
+                out["bias"] = bias.to(model_dtype)
+            return out
+        if act_range is None:
+            raise ValueError("static W8A8 needs act_range (calibrated input range)")
+        in_scale, in_offset = activation_qparams(act_range, model_dtype, symmetric=act_symmetric)
+        deq = compute_deq_scale(in_scale, qw.scale)
+        packed = self.deq_scale_dtype(model_dtype) == torch.int64
+        return {
+            **out,
+            "input_scale": in_scale,
+            "input_offset": in_offset,
+            "deq_scale": deq_scale_to_int64(deq) if packed else deq,
+            "quant_bias": compute_quant_bias(bias, deq, qw.qweight, in_offset),
+        }
 
+    def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For static W8A8 the returned bias is the float bias folded in quant_bias
+        (``(quant_bias + input_offset * sum_k Wq) * deq_scale``), None if that is all zero."""
 
-def scheme_from_name(quant_type: str, group_size: int = 0, *, symmetric: bool = True) -> Scheme:
-    """Scheme of msmodelslim's quant type string (``"FLOAT"``, ``"W8A16"``, ``"W8A8"``,
-    ``"W8A8_DYNAMIC"``; case-insensitive; ``"fp"`` also means FLOAT). ``group_size`` only
-    applies to W8A16 (the description file's global ``group_size``)."""
-    if not isinstance(quant_type, str):
-        raise TypeError(f"quant_type: must be a str, got {type(quant_type).__name__}")
-    key = quant_type.strip().upper()
-    if key in ("FLOAT", "FP", "FP16", "BF16"):
-        return FP()
-    if key == "W8A16":
-        return W8A16(group_size=group_size, symmetric=symmetric)
-    if key == "W8A8":
-        return W8A8(dynamic=False)
-    if key == "W8A8_DYNAMIC":
-        return W8A8(dynamic=True)
-    raise ValueError(
-        f"unknown quant type {quant_type!r}; expected one of {', '.join(_NAMES)} "
-        "(or the CLI names " + ", ".join(sorted(set(_NAMES.values()))) + ")"
-    )
+        q = t["weight"]
+        if self.dynamic:
+            b = t.get("bias")
+            w = dequantize_weight(q, t["weight_scale"], t.get("weight_offset"))
+            return w, None if b is None else b.to(torch.float32)
+        deq = deq_scale_to_float32(t["deq_scale"])
+        if "weight_scale" in t:
+            ws = t["weight_scale"].to(torch.float32).reshape(-1)
+        else:
+            ws = deq / t["input_scale"].to(torch.float32).reshape(())
+        w = dequantize_weight(q, ws.reshape(-1, 1))
+        off = t["input_offset"].to(torch.float64).reshape(())
+        acc = t["quant_bias"].to(torch.float64) + off * q.to(torch.float64).sum(dim=1)
+        folded = (acc * deq.to(torch.float64)).to(torch.float32)
+        return w, (None if bool((acc == 0).all()) else folded)
 
+    def kernel_args(self, t: Tensors, model_dtype: torch.dtype) -> dict[str, Any]:
+        """The dequant scale in the dtype table's form: bf16 for bf16 output; for fp16 output a
+        trans_quant_param-packed int64 (static) or float32 with a per-token scale (dynamic);
+        float32 for an fp32 model (QuantLinear only: the fused op has no fp32 W8A8 output)."""
+        if self.dynamic and bool(t["weight_offset"].any()):
+            raise ValueError(
+                "weight_offset: W8A8_DYNAMIC needs symmetric weights (all offsets 0); an "
+                "int8 x int8 matmul cannot apply a weight offset"
+            )
+        deq = t["weight_scale" if self.dynamic else "deq_scale"]
+        deq = deq_scale_to_float32(deq).reshape(-1).contiguous()
+        if model_dtype == torch.bfloat16:
+            deq = deq.to(torch.bfloat16)
+        elif model_dtype == torch.float16 and not self.dynamic:
+            deq = trans_quant_param(deq)
+        args: dict[str, Any] = {"dequant_scale": deq, "output_dtype": model_dtype}
+        if not self.dynamic:
+            args["input_scale"] = t["input_scale"].float().reshape(1)
+            args["input_offset"] = t["input_offset"].float().reshape(1)
+            args["quant_bias"] = t["quant_bias"]
+        return args
 
-parse_scheme = scheme_from_name
+    def op_inputs(
+        self, x: torch.Tensor, args: Mapping[str, Any], bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Static: x quantized with the calibrated scale, ``quant_bias`` (float bias and input
+        offset folded) as the int32 bias; dynamic: per-token quantization, float bias."""
+        kw: dict[str, Any] = {"dequant_scale": args["dequant_scale"]}
+        if self.dynamic:
+            x1, pertoken = kernels.dynamic_quant(x)
+            kw["pertoken_scale"] = pertoken.reshape(-1)
+        else:
+            x1 = kernels.quantize(x, args["input_scale"], args["input_offset"], torch.int8, -1)
+            bias = args.get("quant_bias")
+        if bias is not None:
+            kw["bias"] = bias
+        return x1, kw
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        w_kn: torch.Tensor,
+        args: Mapping[str, Any],
+        bias: torch.Tensor | None = None,
+        x3: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """W8A8 on one rank, with the model dtype as output (fp32 too: QuantLinear)."""
+        x1, kw = self.op_inputs(x, args, bias)
+        scale = kw.pop("dequant_scale")
+        return kernels.quant_matmul(x1, w_kn, scale, output_dtype=args["output_dtype"], x3=x3, **kw)

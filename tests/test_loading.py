@@ -4,6 +4,7 @@ pickle-free; clear errors naming the file and tensor."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,14 @@ def write_checkpoint(
     return path
 
 
-def _expected_bytes(tensors: dict[str, torch.Tensor], ws: int) -> int:
+def _expected_bytes(tensors: dict[str, torch.Tensor], ws: int, scheme_name: str) -> int:
     """Bytes one rank must read: its shard of the sharded tensors, all of the replicated ones."""
-    from tp_layers.sharding import SHARD_DIM, param_kind
+    from tp_layers.sharding import SHARD_DIM
+
+    specs = {
+        mod: SCHEMES[scheme_name].spec_map(n, k, True, torch.bfloat16)
+        for mod, n, k in (("up", 2 * K, K), ("down", N, 2 * K))
+    }
 
     total = 0
     for name, t in tensors.items():
@@ -86,7 +92,7 @@ def _expected_bytes(tensors: dict[str, torch.Tensor], ws: int) -> int:
         nbytes = t.numel() * t.element_size()
         if mod in ("up", "down"):
             style = "column" if mod == "up" else "row"
-            dim = SHARD_DIM[(style, param_kind(suffix, tuple(t.shape)))]
+            dim = SHARD_DIM[(style, specs[mod][suffix].kind)]
             total += nbytes // ws if dim is not None else nbytes
         else:
             total += nbytes
@@ -100,9 +106,9 @@ def _load_body(rank: int, ws: int, ckpt: str, scheme_name: str, meta: bool) -> t
     block = TinyBlock(scheme_name, device="meta" if meta else None)
     report = tl.load_weights(block, ckpt)
     tensors = _full_tensors(scheme_name)
-    assert report.bytes_read == _expected_bytes(tensors, ws), (
+    assert report.bytes_read == _expected_bytes(tensors, ws, scheme_name), (
         report.bytes_read,
-        _expected_bytes(tensors, ws),
+        _expected_bytes(tensors, ws, scheme_name),
     )
     x = make_input((2, 3, K), seed=5)
     with torch.no_grad():
@@ -298,3 +304,243 @@ def test_reload_leaves_no_stale_processed_copy(tmp_path: Path) -> None:
     w = block.down.weight
     w.weight_loader(w, _full_tensors("w8a8", seed=4)["down.weight"])
     assert not block.down._processed and w.shape == (N, 2 * K)
+
+
+# -- all ranks commit or none; scales checked in the dtype the kernels use; merged segments --
+
+
+def _cross_rank_body(rank: int, ws: int, good: str, bad: str) -> str | None:
+    import tp_layers as tl
+
+    block = TinyBlock("w8a16")
+    tl.load_weights(block, good)
+    before = _snapshot(block)
+    x = make_input((2, 3, K), seed=1)
+    with torch.no_grad():
+        y0 = block(x)
+    msg = None
+    try:
+        tl.load_weights(block, bad)
+    except tl.CheckpointError as e:
+        msg = str(e)
+    _assert_unchanged(before, block)
+    with torch.no_grad():
+        assert torch.equal(block(x), y0)
+    return msg
+
+
+def test_a_bad_scale_in_one_ranks_slice_fails_the_load_on_every_rank(tmp_path: Path) -> None:
+    good = write_checkpoint(tmp_path / "good", _full_tensors("w8a16"), "w8a16")
+    bad_t = _full_tensors("w8a16", seed=9)
+    bad_t["up.weight_scale"][2 * K // 2 + 3] = 0.0  # a row of rank 1's half of up (column)
+    bad = write_checkpoint(tmp_path / "bad", bad_t, "w8a16")
+    msgs = run_ranks(2, _cross_rank_body, str(good), str(bad))
+    assert msgs[0] == msgs[1] and msgs[0] is not None
+    assert re.search(r"^rank 1: model-\d+-of-\d+\.safetensors: up\.weight_scale: ", msgs[0])
+    assert "zero scale" in msgs[0] and "refused on all 2 ranks" in msgs[0], msgs[0]
+
+
+class _Fp16Down(nn.Module):
+    def __init__(self) -> None:
+        import tp_layers as tl
+        from quant.schemes import W8A16
+
+        super().__init__()
+        self.down = tl.RowParallelLinear(
+            64, 16, bias=False, quant=W8A16(), params_dtype=torch.float16, prefix="down"
+        )
+
+
+@pytest.mark.parametrize(
+    "value,pattern",
+    [
+        (1e-8, r"down\.weight_scale: contains a zero scale after the cast to torch\.float16"),
+        (1e5, r"down\.weight_scale: a value overflows torch\.float16 .*the dtype the kernel"),
+    ],
+)
+def test_float32_scales_are_checked_in_the_models_fp16(tmp_path: Path, value, pattern) -> None:
+    import tp_layers as tl
+    from quant.algorithms import quantize_linear
+    from quant.schemes import W8A16
+
+    w = torch.randn(16, 64, generator=torch.Generator().manual_seed(0)) / 8
+    t = quantize_linear(w.half(), None, W8A16(), model_dtype=torch.float16)
+    tensors = {f"down.{k}": v for k, v in t.items()}
+    m = _Fp16Down()
+    tl.load_weights(m, write_checkpoint(tmp_path / "good", tensors, "w8a16"))
+    before = _snapshot(m)
+    scale = tensors["down.weight_scale"].float()
+    scale[5] = value
+    tensors["down.weight_scale"] = scale  # a float32 scale: accepted dtype, checked as fp16
+    with pytest.raises(tl.CheckpointError, match=pattern):
+        tl.load_weights(m, write_checkpoint(tmp_path / "bad", tensors, "w8a16"))
+    _assert_unchanged(before, m)
+
+
+class _Merged(nn.Module):
+    def __init__(self) -> None:
+        import tp_layers as tl
+
+        super().__init__()
+        kw = {"quant": SCHEMES["w8a8"], "params_dtype": torch.bfloat16, "prefix": "merged"}
+        self.merged = tl.MergedColumnParallelLinear(K, [N, 2 * N], bias=True, **kw)
+
+
+def _merged_segments(scale1: float = 1.0) -> list[dict[str, torch.Tensor]]:
+    t0 = make_linear(N, K, True, SCHEMES["w8a8"], 0)
+    t1 = make_linear(2 * N, K, True, SCHEMES["w8a8"], 1)
+    t1["input_scale"] = t1["input_scale"] * scale1
+    return [t0, t1]
+
+
+def test_merged_segments_must_agree_through_the_weight_loader() -> None:
+    m = _Merged().merged
+    params = m.checkpoint_params()
+    for scale1, ok in ((1.0, True), (2.0, False)):
+        for shard_id, tensors in enumerate(_merged_segments(scale1)):
+            for name, t in tensors.items():
+                p = params[name]
+                if ok or shard_id == 0 or name != "input_scale":
+                    p.weight_loader(p, t, shard_id)
+                    continue
+                with pytest.raises(ValueError, match=r"merged\.input_scale: segment 1 has .*"):
+                    p.weight_loader(p, t, shard_id)
+    # a later load of segment 0 starts over: new values for every segment are fine
+    for shard_id, tensors in enumerate(_merged_segments(2.0)):
+        t = tensors["input_scale"] * (1.0 if shard_id else 2.0)
+        params["input_scale"].weight_loader(params["input_scale"], t, shard_id)
+
+
+def test_merged_segments_must_agree_through_load_weights(tmp_path: Path) -> None:
+    import tp_layers as tl
+
+    segs = _merged_segments()
+    full = {f"merged.{k}": torch.cat([segs[0][k], segs[1][k]]) for k in segs[0]}
+    full["merged.input_scale"] = segs[0]["input_scale"]
+    one = _Merged()
+    tl.load_weights(one, write_checkpoint(tmp_path / "one", full, "fp"))
+    full["merged.input_scale"] = torch.cat([segs[0]["input_scale"]] * 2)  # one per segment
+    stacked = _Merged()
+    tl.load_weights(stacked, write_checkpoint(tmp_path / "stacked", full, "fp"))
+    x = make_input((2, 3, K), seed=4)
+    with torch.no_grad():
+        assert torch.equal(one.merged(x), stacked.merged(x))
+    before = _snapshot(stacked)
+    full["merged.input_scale"] = torch.cat([segs[0]["input_scale"], 2 * segs[0]["input_scale"]])
+    with pytest.raises(tl.CheckpointError, match=r"merged\.input_scale: segment 1 has .*segment 0"):
+        tl.load_weights(stacked, write_checkpoint(tmp_path / "bad", full, "fp"))
+    _assert_unchanged(before, stacked)
+
+
+DT16 = torch.bfloat16
+
+
+def _phi3_w8a8_dir(root: Path, gate_up_scales: tuple[float, float] | None) -> Path:
+    """A tiny Phi3 (packed gate_up_proj -> MergedColumnParallelLinear) as a static W8A8
+    msmodelslim directory; ``gate_up_scales``: that layer's input_scale given per segment."""
+    import transformers
+
+    from quant.algorithms import ActivationRange, quantize_linear
+
+    act = ActivationRange(-4.0, 4.0)
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    d = root / "phi3"
+    model.save_pretrained(str(d))
+    (d / "model.safetensors").unlink()
+    tensors, desc = {}, {"model_quant_type": "W8A8", "version": "1.0.0", "group_size": 0}
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and name.startswith("model.layers."):
+            t = quantize_linear(
+                mod.weight.detach(), None, SCHEMES["w8a8"], act_range=act, model_dtype=DT16
+            )
+            tensors.update({f"{name}.{k}": v for k, v in t.items()})
+            desc.update(dict.fromkeys((f"{name}.{k}" for k in t), "W8A8"))
+    for name, p in model.state_dict().items():
+        if name not in tensors and not any(name.startswith(n) for n in desc):
+            tensors[name] = p.contiguous()
+            desc[name] = "FLOAT"
+    if gate_up_scales is not None:
+        key = "model.layers.0.mlp.gate_up_proj.input_scale"
+        tensors[key] = torch.tensor(gate_up_scales, dtype=DT16)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(d / "model.safetensors"))
+    (d / "quant_model_description.json").write_text(json.dumps(desc))
+    return d
+
+
+def test_merged_segments_must_agree_through_load_pretrained(tmp_path: Path) -> None:
+    import tp_layers as tl
+
+    plan = {  # gate_up as a merged layer: [gate_r | up_r] on rank r
+        "*.qkv_proj": "colwise_gather_output",
+        "*.o_proj": "rowwise_split_input",
+        "*.gate_up_proj": "packed_colwise",
+        "*.down_proj": "rowwise",
+    }
+
+    def load(name: str, scales: tuple[float, float] | None) -> nn.Module:
+        return tl.load_pretrained(_phi3_w8a8_dir(tmp_path / name, scales), dtype=DT16, plan=plan)
+
+    layer = load("a", None).model.layers[0].mlp.gate_up_proj
+    assert isinstance(layer, tl.MergedColumnParallelLinear)
+    scale = float(layer.kernel_args["input_scale"])
+    ok = load("b", (scale, scale)).model.layers[0].mlp.gate_up_proj
+    assert float(ok.kernel_args["input_scale"]) == scale
+    with pytest.raises(
+        tl.CheckpointError, match=r"gate_up_proj\.input_scale: segment 1 has .*segment 0"
+    ):
+        load("c", (scale, 2 * scale))
+
+
+def _load_layer_body(rank: int, ws: int) -> str:
+    """The per-layer path of the HF swap and the Megatron adapter (tp_layers.loader.load_layer)."""
+    import tp_layers as tl
+    from tp_layers.loader import load_layer
+
+    layer = tl.ColumnParallelLinear(
+        K, 2 * K, quant=SCHEMES["w8a16"], params_dtype=torch.bfloat16, prefix="up"
+    )
+    good = make_linear(2 * K, K, True, SCHEMES["w8a16"], 0)
+    load_layer(layer, good)
+    x = make_input((2, 3, K), seed=1)
+    with torch.no_grad():
+        y0 = layer(x)
+    bad = make_linear(2 * K, K, True, SCHEMES["w8a16"], 1)
+    bad["weight_scale"][K + 1] = float("inf")  # rank 1's half
+    with pytest.raises(tl.CheckpointError) as ei:
+        load_layer(layer, bad)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y0)
+    return str(ei.value)
+
+
+def test_load_layer_is_atomic_across_ranks() -> None:
+    msgs = run_ranks(2, _load_layer_body)
+    assert msgs[0] == msgs[1] and msgs[0].startswith("rank 1: up.weight_scale: contains NaN or inf")
+
+
+def test_sharded_parameters_survive_deepcopy_and_pickle() -> None:
+    import copy
+    import pickle
+
+    import tp_layers as tl
+    from tp_layers.param import ShardedParameter
+
+    layer = tl.RowParallelLinear(64, 16, quant=SCHEMES["w8a16"], params_dtype=torch.bfloat16)
+    layer.weight.partition_dim = 1  # an attribute another framework stamps (Megatron)
+    for other in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        for name, p in other.checkpoint_params().items():
+            q = layer.checkpoint_params()[name]
+            assert isinstance(p, ShardedParameter) and p.weight_loader.__self__ is other
+            assert (p.spec, p.tp_dim, p.raw_shape, p.raw_dtype) == (
+                q.spec,
+                q.tp_dim,
+                q.raw_shape,
+                q.raw_dtype,
+            )
+        assert other.weight.partition_dim == 1

@@ -82,3 +82,33 @@ def test_spec_check_accepts_known_alternatives_and_rejects_others():
     with pytest.raises(ValueError, match="dtype"):
         spec["weight"].check((8, 64), torch.uint8)
     assert isinstance(spec["weight"], TensorSpec)
+
+
+def test_schemes_are_found_by_quant_type_and_know_their_calibration():
+    from quant.schemes import scheme_from_name
+
+    assert scheme_from_name("fp16") == FP() and scheme_from_name(" w8a8_dynamic ") == W8A8(True)
+    assert W8A8().needs_calibration and not W8A8(dynamic=True).needs_calibration
+    assert not W8A16().needs_calibration and not FP().needs_calibration
+
+
+def test_quantizer_refuses_fp16_scales_whose_products_overflow():
+    from quant.algorithms import quantize_weight
+
+    w = torch.full((2, 64), 0.5)
+    w[1, 3] = 70000.0  # fits float32; (q - offset) * scale would be > 65504 in fp16
+    with pytest.raises(ValueError, match=r"fp16 scales overflow.*65504.*in 1 rows/groups"):
+        quantize_weight(w, scale_dtype=torch.float16)
+    quantize_weight(w, scale_dtype=torch.bfloat16)  # bf16 has the range
+
+
+def test_spec_checks_values_in_the_dtype_the_kernel_uses():
+    spec = W8A16().spec_map(4, 64, False, torch.float16)["weight_scale"]
+    ok = spec.validate(torch.full((4, 1), 1e-3), "l.weight_scale")
+    assert ok.dtype == torch.float32
+    with pytest.raises(ValueError, match=r"l\.weight_scale: contains a zero scale after the cast"):
+        spec.validate(torch.tensor([[1e-3], [1e-8], [1e-3], [1e-3]]), "l.weight_scale")
+    with pytest.raises(ValueError, match=r"overflows torch\.float16"):
+        spec.validate(torch.tensor([[1e-3], [1e5], [1e-3], [1e-3]]), "l.weight_scale")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        spec.validate(torch.tensor([[float("nan")]] * 4), "l.weight_scale")

@@ -60,7 +60,7 @@ from torch import nn
 from quant.algorithms import ActivationRange, MinMaxObserver, quantize_linear
 from quant.calibration import Calibration
 from quant.checkpoint import DESCRIPTION_FILE, CheckpointReader
-from quant.schemes import W8A8, Scheme
+from quant.schemes import Scheme
 from tp_layers.context import TPContext, get_tp
 from tp_layers.linear import (
     ColumnParallelLinear,
@@ -69,7 +69,7 @@ from tp_layers.linear import (
     ParallelLinearBase,
     RowParallelLinear,
 )
-from tp_layers.loader import CheckpointError, load_weights
+from tp_layers.loader import CheckpointError, load_layer, load_weights
 
 __all__ = [
     "LayerPlan",
@@ -309,27 +309,9 @@ def _head_dim(attn: nn.Module) -> int | None:
     return _int_attr(attn, ("head_dim", "head_size", "attention_head_size"))
 
 
-def _materialize(layer: ParallelLinearBase) -> None:
-    """Replace meta parameters by empty CPU ones (same attributes). ``param.data = cpu`` is
-    refused for a meta parameter, so the weight_loader cannot do it in place."""
-    for pname, p in layer.checkpoint_params().items():
-        if p.device.type == "meta":
-            new = nn.Parameter(torch.empty(p.raw_shape, dtype=p.raw_dtype), requires_grad=False)
-            new.__dict__.update({k: v for k, v in p.__dict__.items() if not k.startswith("_")})
-            layer._parameters[pname] = new
-
-
 def _load_full(layer: ParallelLinearBase, tensors: Mapping[str, torch.Tensor]) -> None:
     """Load full checkpoint tensors into ``layer`` (each rank keeps its shard) and process."""
-    _materialize(layer)
-    for pname, p in layer.checkpoint_params().items():
-        t = tensors.get(pname)
-        if t is None:
-            if p.spec.required:
-                raise ValueError(f"{layer.where}: no {pname!r} tensor to load")
-            t = torch.zeros(p.spec.shape, dtype=p.spec.dtype)
-        p.weight_loader(p, t)
-    layer.process_weights_after_loading()
+    load_layer(layer, tensors)
 
 
 def _layer_tensors(
@@ -347,7 +329,7 @@ def _layer_tensors(
             out["bias"] = bias.detach()
         return out
     act = None
-    if isinstance(scheme, W8A8) and not scheme.dynamic:
+    if scheme is not None and scheme.needs_calibration:
         act = _act_range(calibration, name)
     return quantize_linear(
         weight.detach(),
@@ -463,7 +445,6 @@ class _Swapper:
                     setattr(attn, attr, kv_local)
             if isinstance(getattr(attn, "num_key_value_groups", None), int):
                 attn.num_key_value_groups = q_local // kv_local
-            attn.tp_local_heads = (q_local, kv_local)
 
 
 def _shared_param_ids(model: nn.Module) -> set[int]:

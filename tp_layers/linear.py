@@ -1,11 +1,12 @@
 """Column / Row parallel linear layers (FP, W8A16, W8A8 static, W8A8 dynamic).
 
-The layer creates its parameters for its shard (checkpoint layout), each carrying a
+The layer creates its parameters for its shard (checkpoint layout): one
+:class:`tp_layers.param.ShardedParameter` per checkpoint tensor, each with a
 ``weight_loader(param, loaded, shard_id=None)`` that takes the FULL checkpoint tensor, or a lazy
-safetensors slice, and keeps only this rank's part (rules in tp_layers.sharding). After
-loading, ``process_weights_after_loading`` (idempotent) prepares the kernels' layout. The
-row-parallel forward calls the fused ``mm_all_reduce_base`` in prefill and a local matmul +
-all-reduce in decode (tp_layers.phase).
+safetensors slice, and keeps only this rank's part (tp_layers.sharding: one segment-wise rule
+for every layer). After loading, ``process_weights_after_loading`` (idempotent) installs the
+kernel arguments the scheme's method returns. The row-parallel forward calls the fused
+``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in decode (tp_layers.phase).
 """
 
 from __future__ import annotations
@@ -16,14 +17,21 @@ import torch
 from torch import nn
 
 import ascend_ops
-from ascend_ops import kernels
-from quant.convention import deq_scale_to_float32
 from quant.schemes import Scheme, TensorSpec
 from tp_layers.comm import gather_last_dim, split_last_dim
 from tp_layers.context import TPContext, get_tp
 from tp_layers.methods import method_for
+from tp_layers.param import ShardedParameter, set_data
+from tp_layers.paths import count_path, path_counts, reset_path_counts
 from tp_layers.phase import Phase, infer_phase
-from tp_layers.sharding import SHARD_DIM, full_shape, param_kind, read_range, source_dtype
+from tp_layers.sharding import (
+    SHARD_DIM,
+    Segment,
+    full_shape,
+    read_range,
+    shard_ranges,
+    source_dtype,
+)
 
 __all__ = [
     "ColumnParallelLinear",
@@ -36,28 +44,6 @@ __all__ = [
     "reset_path_counts",
 ]
 
-# Instrumentation: how many RowParallelLinear forwards took each path since the last reset, so
-# examples / tests can show which one ran: "fused" (prefill: one mm_all_reduce_base call),
-# "unfused" (decode: local matmul, then all_reduce), "local" (TP 1 or reduce_results=False: no
-# communication). Not updated while torch.compile traces (no graph side effects).
-_PATH_COUNTS: dict[str, int] = {"fused": 0, "unfused": 0, "local": 0}
-
-
-def path_counts() -> dict[str, int]:
-    """Copy of the RowParallelLinear path counters: {"fused", "unfused", "local"} -> calls."""
-    return dict(_PATH_COUNTS)
-
-
-def reset_path_counts() -> None:
-    """Zero the RowParallelLinear path counters."""
-    for key in _PATH_COUNTS:
-        _PATH_COUNTS[key] = 0
-
-
-def _count_path(path: str) -> None:
-    if not torch.compiler.is_compiling():
-        _PATH_COUNTS[path] += 1
-
 
 def _divide(total: int, parts: int, what: str, where: str) -> int:
     if total % parts:
@@ -69,6 +55,8 @@ class ParallelLinearBase(nn.Module):
     """Shared machinery: parameter creation from the scheme, sharded loading, processing."""
 
     parallel: str = ""  # "row" | "column"
+    #: valid ``shard_id`` values of ``weight_loader`` (segment i <- shard_ids[i])
+    shard_ids: tuple[Any, ...] = ()
 
     def __init__(
         self,
@@ -97,7 +85,7 @@ class ParallelLinearBase(nn.Module):
         self.prefix = prefix
         self._device = torch.device(device) if device is not None else torch.get_default_device()
         self._processed = False
-        self.op_args: dict[str, Any] = {}
+        self.kernel_args: dict[str, Any] = {}
         self._setup_sizes()
         self.scheme.validate_layer(self.output_size, self.input_size)
         self.method.create_weights(self)
@@ -109,57 +97,60 @@ class ParallelLinearBase(nn.Module):
     def where(self) -> str:
         return self.prefix or type(self).__name__
 
+    @property
+    def adds_bias(self) -> bool:
+        """True if this rank adds the terms a layer adds once (bias, quant_bias, residual)."""
+        return True
+
     def _setup_sizes(self) -> None:
         raise NotImplementedError
 
-    def _local_len(self, dim: int, full_len: int, kind: str) -> int:
+    def segments(self, spec: TensorSpec, dim: int) -> list[Segment]:
+        """How checkpoint tensor ``spec`` is split along ``dim`` (its sharded dim)."""
         raise NotImplementedError
 
     def add_checkpoint_param(self, spec: TensorSpec) -> None:
         """Register the local shard of checkpoint tensor ``spec`` as a frozen parameter."""
-        kind = param_kind(spec.name, spec.shape)
-        dim = SHARD_DIM[(self.parallel, kind)]
+        dim = SHARD_DIM[(self.parallel, spec.kind)]
         shape = list(spec.shape)
         if dim is not None:
-            shape[dim] = self._local_len(dim, spec.shape[dim], kind)
-        dtype = self.method.storage_dtype(spec.name, spec.dtype, self)
-        p = nn.Parameter(torch.empty(shape, dtype=dtype, device=self._device), requires_grad=False)
-        p.tp_dim = dim
-        p.kind = kind
-        p.raw_shape = tuple(shape)
-        p.raw_dtype = dtype
-        p.spec = spec
-        p.weight_loader = self.weight_loader
-        self.register_parameter(spec.name, p)
+            shape[dim] = sum(s.local for s in self.segments(spec, dim))
+        data = torch.empty(shape, dtype=spec.storage_dtype, device=self._device)
+        self.register_parameter(spec.name, ShardedParameter(data, spec, dim, self.weight_loader))
 
-    def checkpoint_params(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters(recurse=False) if hasattr(p, "spec")}
+    def checkpoint_params(self) -> dict[str, ShardedParameter]:
+        return {
+            n: p for n, p in self.named_parameters(recurse=False) if isinstance(p, ShardedParameter)
+        }
 
     # -- loading ---------------------------------------------------------------------------
-    def _ranges(self, p: nn.Parameter, shard_id: Any) -> list[tuple[int | None, int, int, int]]:
-        """(segment, source start, length, destination start) along p.tp_dim."""
-        if p.tp_dim is None:
-            return [(None, 0, 0, 0)]
-        n = p.raw_shape[p.tp_dim]
-        return [(None, self.tp.rank * n, n, 0)]
+    def _segment_index(self, shard_id: Any) -> int | None:
+        if shard_id is None:
+            return None
+        if shard_id in self.shard_ids and not isinstance(shard_id, bool):
+            return self.shard_ids.index(shard_id)
+        raise ValueError(
+            f"{self.where}: shard_id must be one of {list(self.shard_ids)}, got {shard_id!r}"
+        )
 
-    def _expected_full(self, p: nn.Parameter, shard_id: Any) -> tuple[tuple[int, ...], ...]:
-        return p.spec.allowed_shapes()
+    def _expected_full(self, p: ShardedParameter, index: int | None) -> tuple[tuple[int, ...], ...]:
+        if p.tp_dim is None:  # a merged layer's one value per segment may come stacked
+            many = index is None and p.spec.kind == "tensor" and len(self.shard_ids) > 1
+            return p.spec.allowed_shapes() + (((len(self.shard_ids),),) if many else ())
+        if index is None:
+            return p.spec.allowed_shapes()
+        size = self.segments(p.spec, p.tp_dim)[index].size
+        return tuple((*s[: p.tp_dim], size, *s[p.tp_dim + 1 :]) for s in p.spec.allowed_shapes())
 
-    def load_into(self, name: str, dest: torch.Tensor, loaded: Any, shard_id: Any = None) -> None:
-        """Write this rank's part of checkpoint tensor ``loaded`` (full tensor or safetensors
-        slice) for parameter ``name`` into ``dest`` (a tensor of the parameter's raw shape)."""
-        p = self.checkpoint_params().get(name)
-        if p is None:
-            raise KeyError(f"{self.where}: no parameter {name!r}")
-        label = f"{self.where}.{name}"
-        shape = full_shape(loaded)
-        allowed = self._expected_full(p, shard_id)
+    def _check_source(
+        self, p: ShardedParameter, loaded: Any, index: int | None, label: str
+    ) -> None:
+        shape, allowed = full_shape(loaded), self._expected_full(p, index)
         if shape not in allowed:
             raise ValueError(
                 f"{label}: checkpoint shape {list(shape)} does not match the expected "
                 f"{' or '.join(str(list(s)) for s in allowed)}"
-                + (f" (shard {shard_id!r})" if shard_id is not None else "")
+                + (f" (shard {self.shard_ids[index]!r})" if index is not None else "")
             )
         stored = source_dtype(loaded)
         if stored not in p.spec.allowed_dtypes():
@@ -167,22 +158,75 @@ class ParallelLinearBase(nn.Module):
                 f"{label}: checkpoint dtype {stored} does not match the expected "
                 f"{' or '.join(str(d) for d in p.spec.allowed_dtypes())}"
             )
-        for _seg, src, length, dst in self._ranges(p, shard_id):
-            target = dest if p.tp_dim is None else dest.narrow(p.tp_dim, dst, length)
-            if name == "weight" or name == "bias":  # no value checks: read (+ cast) in place
-                read_range(loaded, p.tp_dim, src, length, out=target)
-                continue
-            part = read_range(loaded, p.tp_dim, src, length)
-            if name == "deq_scale" and part.dtype == torch.int64:
-                part = deq_scale_to_float32(part)
-            if part.is_floating_point():
-                if not bool(torch.isfinite(part).all()):
-                    raise ValueError(f"{label}: contains NaN or inf")
-                if name in ("weight_scale", "deq_scale", "input_scale") and bool((part == 0).any()):
-                    raise ValueError(f"{label}: contains a zero scale")
-            target.copy_(part.reshape(target.shape).to(p.raw_dtype))
 
-    def weight_loader(self, param: nn.Parameter, loaded: Any, shard_id: Any = None) -> None:
+    def load_into(
+        self,
+        name: str,
+        dest: torch.Tensor,
+        loaded: Any,
+        shard_id: Any = None,
+        seen: dict[Any, torch.Tensor] | None = None,
+    ) -> None:
+        """Write this rank's part of checkpoint tensor ``loaded`` (full tensor or safetensors
+        slice) for parameter ``name`` into ``dest`` (a tensor of the parameter's raw shape),
+        checked by its spec. ``seen``: per-segment values of a replicated tensor already
+        loaded into ``dest`` (shard id -> value); a merged layer needs them all equal."""
+        p = self.checkpoint_params().get(name)
+        if p is None:
+            raise KeyError(f"{self.where}: no parameter {name!r}")
+        label, index = f"{self.where}.{name}", self._segment_index(shard_id)
+        self._check_source(p, loaded, index, label)
+        if p.tp_dim is None:
+            whole = p.spec.validate(read_range(loaded, None, 0, 0), label).to(dest.dtype)
+            pieces = [(shard_id, whole)]
+            if index is None and full_shape(loaded) not in p.spec.allowed_shapes():  # stacked
+                pieces, seen = list(zip(self.shard_ids, whole.split(1))), {}
+            for sid, part in pieces:
+                if sid is not None and seen is not None:
+                    self._agree(label, sid, part.reshape(dest.shape), seen)
+            dest.copy_(pieces[-1][1].reshape(dest.shape))
+            return
+        for src, length, dst in shard_ranges(self.segments(p.spec, p.tp_dim), index):
+            target = dest.narrow(p.tp_dim, dst, length)
+            if p.spec.values == "any":  # no value checks: read (+ cast) in place
+                read_range(loaded, p.tp_dim, src, length, out=target)
+            else:
+                part = p.spec.validate(read_range(loaded, p.tp_dim, src, length), label)
+                target.copy_(part.reshape(target.shape))
+
+    def load_local(self, name: str, dest: torch.Tensor, t: torch.Tensor) -> None:
+        """Write an already-local checkpoint-layout tensor ``t`` (this rank's shard, e.g. a
+        Megatron shard) for parameter ``name`` into ``dest``, checked by its spec."""
+        p, label = self.checkpoint_params()[name], f"{self.where}.{name}"
+        raw = p.raw_dtype
+        if t.is_floating_point() != raw.is_floating_point or (
+            not raw.is_floating_point and t.dtype != raw
+        ):
+            raise ValueError(
+                f"{label}: dtype must be {raw}"
+                f"{' (or another float dtype)' if raw.is_floating_point else ''}, got {t.dtype}"
+            )
+        if tuple(t.shape) != tuple(p.raw_shape):
+            raise ValueError(
+                f"{label}: local shape must be {list(p.raw_shape)}, got {list(t.shape)}"
+            )
+        dest.copy_(p.spec.validate(t.detach(), label).to(raw))
+
+    @staticmethod
+    def _agree(
+        label: str, shard_id: Any, part: torch.Tensor, seen: dict[Any, torch.Tensor]
+    ) -> None:
+        if shard_id in seen:  # the same segment again: a new load starts
+            seen.clear()
+        for other, value in seen.items():
+            if not torch.equal(value, part):
+                raise ValueError(
+                    f"{label}: segment {shard_id!r} has {part.tolist()}, but segment {other!r} "
+                    f"had {value.tolist()}; a merged layer needs one value for all segments"
+                )
+        seen[shard_id] = part.clone()
+
+    def weight_loader(self, param: ShardedParameter, loaded: Any, shard_id: Any = None) -> None:
         """vLLM-style loader: keep this rank's shard of ``loaded`` in ``param`` (in place).
 
         After processing, the first load re-materialises every parameter in checkpoint layout
@@ -191,23 +235,36 @@ class ParallelLinearBase(nn.Module):
         name = next(n for n, q in self.checkpoint_params().items() if q is param)
         if self._processed:
             self.unprocess()
-        if param.device.type != "meta":
-            self.load_into(name, param.data, loaded, shard_id)
-            return
-        # a meta parameter cannot take CPU data in place: replace it, keeping its attributes
-        dest = torch.empty(param.raw_shape, dtype=param.raw_dtype, device="cpu")
-        self.load_into(name, dest, loaded, shard_id)
-        new = nn.Parameter(dest, requires_grad=False)
-        new.__dict__.update(param.__dict__)
-        self._parameters[name] = new
+        if shard_id is None:
+            param.segments_seen.clear()
+        dest = param.data if param.device.type != "meta" else param.empty()
+        self.load_into(name, dest, loaded, shard_id, param.segments_seen)
+        set_data(self, name, dest)
 
     def unprocess(self) -> None:
         """Drop processed tensors: every parameter back to an empty checkpoint-layout tensor."""
         for p in self.checkpoint_params().values():
-            dev = p.device if p.device.type != "meta" else torch.device("cpu")
-            p.data = torch.empty(p.raw_shape, dtype=p.raw_dtype, device=dev)
+            p.data = p.empty()
         self._processed = False
-        self.op_args = {}
+        self.kernel_args = {}
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The loaded local checkpoint-layout tensors by name (before processing)."""
+        return {n: p.data for n, p in self.checkpoint_params().items()}
+
+    def install(
+        self, args: dict[str, Any] | None, tensors: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Commit (cannot fail): ``tensors`` (local checkpoint layout; default: as loaded) into
+        the parameters, then the kernel arguments ``args`` (the method's
+        ``process_weights_after_loading``; None: unprocessed) into use."""
+        for name, t in (tensors or {}).items():
+            set_data(self, name, t)
+        self.kernel_args, self._processed = {}, False
+        if args is not None:
+            args = dict(args)
+            set_data(self, "weight", args.pop("weight"))
+            self.kernel_args, self._processed = args, True
 
     def process_weights_after_loading(self) -> None:
         """Transpose / NZ-cast / pack scales for the kernels. Idempotent."""
@@ -216,8 +273,7 @@ class ParallelLinearBase(nn.Module):
         if any(p.device.type == "meta" for p in self.checkpoint_params().values()):
             raise RuntimeError(f"{self.where}: weights are not loaded (meta tensors)")
         with torch.no_grad():
-            self.method.process_weights_after_loading(self)
-        self._processed = True
+            self.install(self.method.process_weights_after_loading(self, self.checkpoint_tensors()))
 
     def _ensure_processed(self) -> None:
         if not self._processed:
@@ -241,6 +297,9 @@ class ParallelLinearBase(nn.Module):
             raise ValueError(
                 f"{self.where}: input is on {x.device}, weights on {self.weight.device}"
             )
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        return (y, self.bias) if self.skip_bias_add else y
 
     def extra_repr(self) -> str:
         return (
@@ -270,33 +329,39 @@ class ColumnParallelLinear(ParallelLinearBase):
         self.output_sizes = list(output_sizes) if output_sizes is not None else [int(output_size)]
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
+    def _column_segments(self) -> list[Segment]:
+        """Per output segment: its full size, this rank's rows and where they start."""
+        for s in self.output_sizes:
+            _divide(s, self.tp.size, "output size", self.where)
+        return [Segment.even(s, self.tp.rank, self.tp.size) for s in self.output_sizes]
+
     def _setup_sizes(self) -> None:
-        self.output_sizes_local = [
-            _divide(s, self.tp.size, "output size", self.where) for s in self.output_sizes
-        ]
+        self.column_segments = self._column_segments()
+        self.output_sizes_local = [s.local for s in self.column_segments]
         self.output_size_local = sum(self.output_sizes_local)
         self.input_size_local = self.input_size
 
-    def _local_len(self, dim: int, full_len: int, kind: str) -> int:
-        return self.output_size_local
+    def segments(self, spec: TensorSpec, dim: int) -> list[Segment]:
+        return self.column_segments
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (..., input_size) -> (..., output_size / tp) (or (..., output_size) gathered)."""
+    def forward(
+        self, x: torch.Tensor, *, gather: bool | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (..., input_size) -> (..., output_size / tp) (or (..., output_size) gathered);
+        ``gather`` overrides ``gather_output`` for this call."""
         self._ensure_processed()
         self._check_input(x, self.input_size, "input_size")
-        prep = self.method.prepare(self, x, True, self.skip_bias_add, False)
-        y = kernels.mm_local(prep.x1, self.weight, **prep.kwargs)
-        if self.gather_output:
+        y = self.method.apply(self, x, None if self.skip_bias_add else self.bias)
+        if self.gather_output if gather is None else gather:
             y = gather_last_dim(y, self.tp)
-        if self.skip_bias_add:
-            return y, self.bias
-        return y
+        return self._output(y)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate_up): each segment is sharded
     separately, so rank r holds [gate_r | up_r]. Load with ``shard_id`` = segment index, or
-    without one from a checkpoint tensor holding all segments concatenated along n."""
+    without one from a checkpoint tensor holding all segments concatenated along n. Replicated
+    per-segment values (a static W8A8 ``input_scale`` per segment) must agree."""
 
     def __init__(
         self,
@@ -307,6 +372,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         skip_bias_add: bool = False,
         **kwargs: Any,
     ) -> None:
+        self.shard_ids = tuple(range(len(output_sizes)))
         super().__init__(
             input_size,
             sum(output_sizes),
@@ -316,55 +382,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             output_sizes=output_sizes,
             **kwargs,
         )
-
-    def _segments(self) -> list[tuple[int, int, int, int]]:
-        """Per segment: (full size, local size, source start in the segment, local offset)."""
-        out, off = [], 0
-        for full, local in zip(self.output_sizes, self.output_sizes_local):
-            out.append((full, local, self.tp.rank * local, off))
-            off += local
-        return out
-
-    def _segment_index(self, shard_id: Any) -> int:
-        if isinstance(shard_id, int) and 0 <= shard_id < len(self.output_sizes):
-            return shard_id
-        raise ValueError(
-            f"{self.where}: shard_id must be a segment index in [0, {len(self.output_sizes)}), got {shard_id!r}"
-        )
-
-    def _ranges(self, p: nn.Parameter, shard_id: Any) -> list[tuple[int | None, int, int, int]]:
-        if p.tp_dim is None:
-            return [(None, 0, 0, 0)]
-        segs = self._segments()
-        if shard_id is None:  # all segments concatenated in one checkpoint tensor
-            starts = [sum(s[0] for s in segs[:i]) for i in range(len(segs))]
-            return [(i, starts[i] + s[2], s[1], s[3]) for i, s in enumerate(segs)]
-        i = self._segment_index(shard_id)
-        _full, local, src, dst = segs[i]
-        return [(i, src, local, dst)]
-
-    def _expected_full(self, p: nn.Parameter, shard_id: Any) -> tuple[tuple[int, ...], ...]:
-        if p.tp_dim is None or shard_id is None:
-            return p.spec.allowed_shapes()
-        full = self._segments()[self._segment_index(shard_id)][0]
-        return tuple((full, *s[1:]) if s else s for s in p.spec.allowed_shapes())
-
-    def load_into(self, name: str, dest: torch.Tensor, loaded: Any, shard_id: Any = None) -> None:
-        p = self.checkpoint_params()[name]
-        if p.tp_dim is None and shard_id is not None:
-            # Replicated per-segment values (e.g. a per-tensor input_scale): all must agree.
-            scratch = torch.empty_like(dest)
-            super().load_into(name, scratch, loaded, shard_id)
-            seen = getattr(dest, "_tp_segments_seen", None)
-            if seen and not torch.equal(scratch, dest):
-                raise ValueError(
-                    f"{self.where}.{name}: segment {shard_id!r} has {scratch.tolist()}, but an earlier "
-                    f"segment had {dest.tolist()}; a merged layer needs one value for all segments"
-                )
-            dest.copy_(scratch)
-            dest._tp_segments_seen = True
-            return
-        super().load_into(name, dest, loaded, shard_id)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -398,33 +415,16 @@ class QKVParallelLinear(MergedColumnParallelLinear):
                 )
             self.num_kv_heads, self.kv_replicas = 1, tp.size // kv
         else:
-            self.num_kv_heads, self.kv_replicas = (
-                _divide(kv, tp.size, "number of kv heads", where),
-                1,
-            )
+            self.num_kv_heads = _divide(kv, tp.size, "number of kv heads", where)
+            self.kv_replicas = 1
         sizes = [total_num_heads * head_size, kv * head_size, kv * head_size]
         super().__init__(hidden_size, sizes, bias, False, skip_bias_add, tp=tp, **kwargs)
+        self.shard_ids = ("q", "k", "v")
 
-    def _setup_sizes(self) -> None:
-        h = self.head_size
-        self.output_sizes_local = [self.num_heads * h, self.num_kv_heads * h, self.num_kv_heads * h]
-        self.output_size_local = sum(self.output_sizes_local)
-        self.input_size_local = self.input_size
-
-    def _segments(self) -> list[tuple[int, int, int, int]]:
-        q, kv = self.output_sizes_local[0], self.output_sizes_local[1]
-        kv_start = (self.tp.rank // self.kv_replicas) * kv
-        return [
-            (self.output_sizes[0], q, self.tp.rank * q, 0),
-            (self.output_sizes[1], kv, kv_start, q),
-            (self.output_sizes[2], kv, kv_start, q + kv),
-        ]
-
-    def _segment_index(self, shard_id: Any) -> int:
-        ids = {"q": 0, "k": 1, "v": 2}
-        if shard_id in ids:
-            return ids[shard_id]
-        raise ValueError(f"{self.where}: shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+    def _column_segments(self) -> list[Segment]:
+        r, ws, (q, k, v) = self.tp.rank, self.tp.size, self.output_sizes
+        kv = [Segment.even(n, r, ws, self.kv_replicas) for n in (k, v)]
+        return [Segment.even(q, r, ws), *kv]
 
 
 class HeadReplicatedColumnLinear(ColumnParallelLinear):
@@ -457,16 +457,8 @@ class HeadReplicatedColumnLinear(ColumnParallelLinear):
         self.replicas = tp.size // num_heads
         super().__init__(input_size, head_size * num_heads, bias, False, tp=tp, **kwargs)
 
-    def _setup_sizes(self) -> None:
-        self.output_sizes_local = [self.head_size]
-        self.output_size_local = self.head_size
-        self.input_size_local = self.input_size
-
-    def _ranges(self, p: nn.Parameter, shard_id: Any) -> list[tuple[int | None, int, int, int]]:
-        if p.tp_dim is None:
-            return [(None, 0, 0, 0)]
-        head = self.tp.rank // self.replicas
-        return [(None, head * self.head_size, self.head_size, 0)]
+    def _column_segments(self) -> list[Segment]:
+        return [Segment.even(self.output_size, self.tp.rank, self.tp.size, self.replicas)]
 
 
 class RowParallelLinear(ParallelLinearBase):
@@ -489,6 +481,10 @@ class RowParallelLinear(ParallelLinearBase):
         self.reduce_results = bool(reduce_results)
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
+    @property
+    def adds_bias(self) -> bool:
+        return self.tp.rank == 0
+
     def _setup_sizes(self) -> None:
         self.input_size_local = _divide(self.input_size, self.tp.size, "input size", self.where)
         self.output_size_local = self.output_size
@@ -500,55 +496,49 @@ class RowParallelLinear(ParallelLinearBase):
                 "shard with whole groups"
             )
 
-    def _local_len(self, dim: int, full_len: int, kind: str) -> int:
-        return full_len // self.tp.size  # k (weight) or k / g (groups)
+    def segments(self, spec: TensorSpec, dim: int) -> list[Segment]:
+        return [Segment.even(spec.shape[dim], self.tp.rank, self.tp.size)]  # k or k / g
+
+    def _local_input(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Checked local input (split from a replicated one) and residual."""
+        self._ensure_processed()
+        if not self.input_is_parallel:
+            self._check_input(x, self.input_size, "input_size")
+            x = split_last_dim(x, self.tp)
+        self._check_input(x, self.input_size_local, "input_size / tp")
+        want = (*x.shape[:-1], self.output_size)
+        if residual is not None and (
+            tuple(residual.shape) != want or residual.dtype != self.params_dtype
+        ):
+            raise ValueError(
+                f"{self.where}: residual must be {want} {self.params_dtype}, got "
+                f"{tuple(residual.shape)} {residual.dtype}"
+            )
+        return x
+
+    def _path(self, x: torch.Tensor) -> str:
+        """ "local" (TP 1 / reduce_results=False), "fused" (prefill) or "unfused" (decode)."""
+        if self.tp.size == 1 or not self.reduce_results:
+            return count_path("local")
+        return count_path("fused" if infer_phase(x) is Phase.PREFILL else "unfused")
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """x: (..., input_size / tp) (or (..., input_size) with input_is_parallel=False);
         residual: optional, output-shaped, added once. Returns (..., output_size)."""
-        self._ensure_processed()
-        if not self.input_is_parallel:
-            self._check_input(x, self.input_size, "input_size")
-            x = split_last_dim(x, self.tp)
-        self._check_input(x, self.input_size_local, "input_size / tp")
-        owner = self.tp.rank == 0
-        skip = self.skip_bias_add
-        if residual is not None and (
-            residual.shape[:-1] != x.shape[:-1]
-            or residual.shape[-1] != self.output_size
-            or residual.dtype != self.params_dtype
-        ):
-            raise ValueError(
-                f"{self.where}: residual must be {(*x.shape[:-1], self.output_size)} {self.params_dtype}, got {tuple(residual.shape)} {residual.dtype}"
-            )
-        if self.tp.size == 1 or not self.reduce_results:
-            _count_path("local")
-            prep = self.method.prepare(self, x, owner, skip, False)
-            y = kernels.mm_local(
-                prep.x1, self.weight, x3=residual if owner else None, **prep.kwargs
-            )
-        elif infer_phase(x) is Phase.PREFILL:
-            _count_path("fused")
-            prep = self.method.prepare(self, x, owner, skip, True)
-            x3 = residual if owner else None
-            if prep.post_bias is not None:
-                pb = prep.post_bias.expand(*x.shape[:-1], self.output_size)
-                x3 = pb.contiguous() if x3 is None else x3 + pb
-            y = ascend_ops.mm_all_reduce_base(
-                prep.x1, self.weight, self.tp.hcom, x3=x3, **prep.kwargs
-            )
-        else:
-            _count_path("unfused")
-            prep = self.method.prepare(self, x, owner, True, False)
-            y = ascend_ops.all_reduce(
-                kernels.mm_local(prep.x1, self.weight, **prep.kwargs), self.tp.hcom, inplace=True
-            )
-            if not skip and self.bias is not None:
-                y = y + self.bias
-            if residual is not None:
-                y = y + residual
-        if skip:
-            return y, self.bias
-        return y
+        x = self._local_input(x, residual)
+        bias = None if self.skip_bias_add else self.bias
+        path = self._path(x)
+        if path == "unfused":  # matmul, all-reduce, then bias and residual on every rank
+            y = ascend_ops.all_reduce(self.method.apply(self, x), self.tp.hcom, inplace=True)
+            return self._output(_add(_add(y, bias), residual))
+        if not self.adds_bias:
+            bias = residual = None
+        if path == "fused":
+            return self._output(self.method.apply_fused(self, x, self.tp.hcom, bias, residual))
+        return self._output(self.method.apply(self, x, bias, residual))
+
+
+def _add(y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+    return y if t is None else y + t

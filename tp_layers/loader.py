@@ -9,10 +9,12 @@ no mmap), everything else is read whole (replicated). Float and msmodelslim-quan
 directories (``quant_model_description.json``) both work. No pickle anywhere: ``.bin`` / ``.pt``
 checkpoints are refused with the conversion to use.
 
-Loading is atomic: every tensor is read and checked (name, shape, dtype, finite non-zero scales,
-quant description vs the layer's scheme) into staging tensors first; the module is only touched
-once all of them succeeded, and restored if processing fails, so a failed load leaves every
-parameter bit-identical to before.
+Loading is atomic, on every rank of the TP group together: every tensor is read and checked
+(name, shape, dtype, scales finite and non-zero in the dtype the kernels use, quant description
+vs the layer's scheme) into staging tensors, and the kernel arguments are computed from them;
+then the ranks agree on success with one small collective (``agree``); only if every rank
+succeeded does any rank touch its module. Otherwise every rank raises the same
+:class:`CheckpointError`, naming the rank, file and tensor that failed, and keeps its weights.
 """
 
 from __future__ import annotations
@@ -21,17 +23,22 @@ import dataclasses
 import fnmatch
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from quant.checkpoint import CheckpointReader
+from tp_layers.context import TPContext
 from tp_layers.linear import ParallelLinearBase
+from tp_layers.param import set_data
 
-__all__ = ["CheckpointError", "LoadReport", "load_weights"]
+__all__ = ["CheckpointError", "LoadReport", "agree", "load_layer", "load_weights"]
+
+T = TypeVar("T")
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -79,6 +86,32 @@ def _open(path: str | os.PathLike[str]) -> CheckpointReader:
         raise CheckpointError(f"{p}: unreadable safetensors file ({type(e).__name__}: {e})") from e
 
 
+def agree(tp: TPContext | None, stage: Callable[[], T]) -> T:
+    """Run ``stage`` on this rank, then agree with the TP group (one ``all_gather_object`` of
+    the error text, or None): if any rank failed, every rank raises the same CheckpointError
+    naming the first failed rank; else return ``stage()``'s result. World size 1: no
+    collective, the stage's own exception propagates."""
+    error: Exception | None = None
+    result: Any = None
+    try:
+        result = stage()
+    except Exception as e:  # reported to the peers, raised below on every rank
+        error = e
+    if tp is not None and tp.size > 1:
+        texts: list[str | None] = [None] * tp.size
+        dist.all_gather_object(texts, None if error is None else str(error), group=tp.group)
+        failed = [(r, t) for r, t in enumerate(texts) if t is not None]
+        if failed:
+            rank, text = failed[0]
+            raise CheckpointError(
+                f"rank {rank}: {text} (load refused on all {tp.size} ranks of the TP group; "
+                "no rank changed its weights)"
+            ) from error
+    if error is not None:
+        raise error
+    return result
+
+
 def _target_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if t.device.type == "meta" else t.device
 
@@ -92,179 +125,188 @@ def load_weights(
     prefix: str = "",
     process: bool = True,
 ) -> LoadReport:
-    """Load ``module``'s parameters from the safetensors directory ``path`` (atomic).
+    """Load ``module``'s parameters from the safetensors directory ``path`` (atomic, on every
+    rank of the layers' TP group together).
 
     prefix: prepended to module state-dict names to get checkpoint names. strict: an unexpected
     checkpoint tensor is an error (else a warning listing them). ignore_missing: glob patterns
     of names that may be absent (e.g. tied ``lm_head.weight``). process: run
     ``process_weights_after_loading`` on every parallel layer afterwards.
     """
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, ParallelLinearBase)}
+    tp = next(iter(layers.values())).tp if layers else None
+    opts = (strict, list(ignore_missing), prefix, process)
+    report, staged, where = agree(tp, lambda: _stage(module, layers, path, *opts))
+    if report.unexpected:
+        warnings.warn(
+            f"load_weights: ignoring {len(report.unexpected)} unexpected tensors: {where}",
+            stacklevel=2,
+        )
+    _commit(layers, staged)
+    return report
+
+
+def _stage(
+    module: nn.Module,
+    layers: dict[str, ParallelLinearBase],
+    path: str | os.PathLike[str],
+    strict: bool,
+    ignore: list[str],
+    prefix: str,
+    process: bool,
+) -> tuple[LoadReport, list, str]:
+    """Read and check everything into staging tensors; the module is not touched."""
     reader = _open(path)
     report = LoadReport(files=[str(f) for f in reader.files])
-    ignore = list(ignore_missing)
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, ParallelLinearBase)}
-    staged: list[tuple[nn.Module, str, torch.Tensor, bool]] = []  # (owner, attr, tensor, is_param)
+    staged: list[tuple[nn.Module, Any, Any, bool]] = []  # (owner, attr or args, tensors, param)
     consumed: set[str] = set()
     missing: list[str] = []
     try:
         for mname, layer in layers.items():
-            _stage_layer(
-                reader,
-                layer,
-                prefix + (mname + "." if mname else ""),
-                staged,
-                consumed,
-                missing,
-                report,
-            )
+            base = prefix + (mname + "." if mname else "")
+            dests = _stage_layer(reader, layer, base, consumed, missing, report)
+            if dests is not None:
+                args = layer.method.process_weights_after_loading(layer, dests) if process else None
+                staged.append((layer, args, dests, True))
         for owner_name, owner in module.named_modules():
-            if isinstance(owner, ParallelLinearBase):
-                continue
-            tensors = [(n, p, True) for n, p in owner._parameters.items() if p is not None]
-            tensors += [
-                (n, b, False)
-                for n, b in owner._buffers.items()
-                if b is not None and n not in owner._non_persistent_buffers_set
-            ]
-            for attr, t, is_param in tensors:
-                full = prefix + (owner_name + "." if owner_name else "") + attr
-                if full not in reader:
-                    if not is_param:
-                        continue  # buffers absent from checkpoints keep their values
-                    missing.append(full)
-                    continue
-                info = reader.info(full)
-                if tuple(info.shape) != tuple(t.shape):
-                    raise CheckpointError(
-                        f"{info.file.name}: {full}: shape {list(info.shape)} does not match the module's {list(t.shape)}"
-                    )
-                if info.dtype.is_floating_point != t.dtype.is_floating_point:
-                    raise CheckpointError(
-                        f"{info.file.name}: {full}: dtype {info.dtype} does not match the module's {t.dtype}"
-                    )
-                device = _target_device(t)
-                try:
-                    stored = reader.tensor(full, on_read=report._count)
-                    data = stored.read(out=torch.empty(t.shape, dtype=t.dtype, device=device))
-                except (ValueError, OSError) as e:
-                    raise CheckpointError(f"{info.file.name}: {full}: {e}") from e
-                staged.append((owner, attr, data, is_param))
-                consumed.add(full)
-                report.loaded.append(full)
-        missing = [m for m in missing if not any(fnmatch.fnmatchcase(m, pat) for pat in ignore)]
+            if not isinstance(owner, ParallelLinearBase):
+                base = prefix + (owner_name + "." if owner_name else "")
+                _stage_plain(reader, owner, base, staged, consumed, missing, report)
+        missing = [m for m in missing if not any(fnmatch.fnmatchcase(m, p) for p in ignore)]
         if missing:
             raise CheckpointError(
                 f"{reader.path}: missing tensors: {', '.join(missing[:20])}"
                 + (" ..." if len(missing) > 20 else "")
             )
-        unexpected = sorted(set(n for n in reader.names() if n.startswith(prefix)) - consumed)
-        report.unexpected = unexpected
-        if unexpected:
-            where = ", ".join(f"{n} ({reader.info(n).file.name})" for n in unexpected[:20])
-            if strict:
-                raise CheckpointError(
-                    f"{reader.path}: unexpected tensors not used by the module: {where}"
-                )
-            warnings.warn(
-                f"load_weights: ignoring {len(unexpected)} unexpected tensors: {where}",
-                stacklevel=2,
+        report.unexpected = sorted(
+            set(n for n in reader.names() if n.startswith(prefix)) - consumed
+        )
+        where = ", ".join(f"{n} ({reader.info(n).file.name})" for n in report.unexpected[:20])
+        if report.unexpected and strict:
+            raise CheckpointError(
+                f"{reader.path}: unexpected tensors not used by the module: {where}"
             )
     finally:
         reader.close()
-    _commit(module, layers, staged, process)
-    return report
+    return report, staged, where if report.unexpected else ""
 
 
-def _stage_layer(
+def _stage_plain(
     reader: CheckpointReader,
-    layer: ParallelLinearBase,
+    owner: nn.Module,
     base: str,
     staged: list,
     consumed: set[str],
     missing: list[str],
     report: LoadReport,
 ) -> None:
-    """Stage one parallel layer's shards (per segment when the checkpoint splits them)."""
+    """Stage a non-parallel module's own parameters and persistent buffers (read whole)."""
+    tensors = [(n, p, True) for n, p in owner._parameters.items() if p is not None]
+    tensors += [
+        (n, b, False)
+        for n, b in owner._buffers.items()
+        if b is not None and n not in owner._non_persistent_buffers_set
+    ]
+    for attr, t, is_param in tensors:
+        full = base + attr
+        if full not in reader:
+            if is_param:  # buffers absent from checkpoints keep their values
+                missing.append(full)
+            continue
+        info = reader.info(full)
+        if tuple(info.shape) != tuple(t.shape):
+            raise CheckpointError(
+                f"{info.file.name}: {full}: shape {list(info.shape)} does not match the module's {list(t.shape)}"
+            )
+        if info.dtype.is_floating_point != t.dtype.is_floating_point:
+            raise CheckpointError(
+                f"{info.file.name}: {full}: dtype {info.dtype} does not match the module's {t.dtype}"
+            )
+        try:
+            stored = reader.tensor(full, on_read=report._count)
+            dest = torch.empty(t.shape, dtype=t.dtype, device=_target_device(t))
+            data = stored.read(out=dest)
+        except (ValueError, OSError) as e:
+            raise CheckpointError(f"{info.file.name}: {full}: {e}") from e
+        staged.append((owner, attr, data, is_param))
+        consumed.add(full)
+        report.loaded.append(full)
+
+
+def _stage_layer(
+    reader: CheckpointReader,
+    layer: ParallelLinearBase,
+    base: str,
+    consumed: set[str],
+    missing: list[str],
+    report: LoadReport,
+) -> dict[str, torch.Tensor] | None:
+    """Stage one parallel layer's shards; None if a tensor is missing (reported)."""
     module_name = base[:-1]
     desc = reader.quant_type(f"{module_name}.weight") if f"{module_name}.weight" in reader else None
-    sources: dict[Any, str] = getattr(layer, "segment_sources", None) or {}
     if desc is not None and reader.description is not None and desc != layer.scheme.name:
         raise CheckpointError(
             f"{module_name}: the quant description says {desc} but the layer is {layer.scheme.name}"
         )
+    dests: dict[str, torch.Tensor] = {}
     for pname, p in layer.checkpoint_params().items():
-        dest = torch.empty(p.raw_shape, dtype=p.raw_dtype, device=_target_device(p))
+        dest = p.empty()
         full = base + pname
-        if full in reader:
-            pieces = [(full, None)]
-        elif sources and all(f"{src}.{pname}" in reader for src in sources.values()):
-            pieces = [(f"{src}.{pname}", sid) for sid, src in sources.items()]
-        elif not p.spec.required:
-            dest.zero_()
-            staged.append((layer, pname, dest, True))
+        if full not in reader:
+            if p.spec.required:
+                missing.append(full)
+            dests[pname] = dest.zero_()
             continue
+        try:
+            # positional reads into dest: no mmap, so no file pages in RSS (an mmap'd
+            # k-sliced row-parallel weight faulted in most pages of the whole tensor)
+            layer.load_into(pname, dest, reader.tensor(full, on_read=report._count))
+        except (ValueError, OSError) as e:
+            text = str(e).removeprefix(f"{full}: ")  # the layer's label may repeat the name
+            raise CheckpointError(f"{reader.info(full).file.name}: {full}: {text}") from e
+        consumed.add(full)
+        report.loaded.append(full)
+        dests[pname] = dest
+    return None if any(base + n in missing for n in dests) else dests
+
+
+def _commit(layers: dict[str, ParallelLinearBase], staged: list) -> None:
+    """Swap the staged tensors (and kernel arguments) in; nothing here can fail."""
+    for owner, attr, t, is_param in staged:
+        if isinstance(owner, ParallelLinearBase):
+            owner.install(attr, t)
+        elif is_param:
+            set_data(owner, attr, t)
         else:
-            missing.append(full)
-            continue
-        for name, shard_id in pieces:
-            info = reader.info(name)
-            try:
-                # positional reads into dest: no mmap, so no file pages in RSS (an mmap'd
-                # k-sliced row-parallel weight faulted in most pages of the whole tensor)
-                layer.load_into(pname, dest, reader.tensor(name, on_read=report._count), shard_id)
-            except (ValueError, OSError) as e:
-                raise CheckpointError(f"{info.file.name}: {name}: {e}") from e
-            consumed.add(name)
-            report.loaded.append(name)
-        staged.append((layer, pname, dest, True))
+            owner._buffers[attr] = t
 
 
-def _commit(
-    module: nn.Module, layers: dict[str, ParallelLinearBase], staged: list, process: bool
+def load_layer(
+    layer: ParallelLinearBase,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    local: bool = False,
+    process: bool = True,
 ) -> None:
-    """Swap the staged tensors in; restore everything if processing fails."""
-    backup_layers = [
-        (
-            lyr,
-            lyr._processed,
-            dict(lyr.op_args),
-            {n: p.data for n, p in lyr.checkpoint_params().items()},
-        )
-        for lyr in layers.values()
-    ]
-    backup = []
-    for owner, attr, _t, is_param in staged:
-        old = (owner._parameters if is_param else owner._buffers)[attr]
-        backup.append((owner, attr, old, old.data if is_param else None, is_param))
-    touched = {id(owner) for owner, *_ in staged}
-    try:
-        for lyr in layers.values():
-            if id(lyr) in touched:
-                lyr._processed = False
-                lyr.op_args = {}
-        for owner, attr, t, is_param in staged:
-            if is_param:
-                old = owner._parameters[attr]
-                if old.device.type == "meta" or old.device != t.device:
-                    new = nn.Parameter(t, requires_grad=False)
-                    new.__dict__.update(
-                        {k: v for k, v in old.__dict__.items() if not k.startswith("_")}
-                    )
-                    owner._parameters[attr] = new
-                else:
-                    old.data = t
+    """Load one parallel layer from checkpoint tensors by name: full tensors (each rank keeps
+    its shard) or, with ``local``, this rank's shards (a Megatron shard). Atomic on every rank
+    of ``layer.tp``, like ``load_weights``. A missing optional tensor loads as zeros."""
+
+    def stage() -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+        dests: dict[str, torch.Tensor] = {}
+        for name, p in layer.checkpoint_params().items():
+            t, dest = tensors.get(name), p.empty()
+            if t is None and p.spec.required:
+                raise ValueError(f"{layer.where}: no {name!r} tensor to load")
+            if t is None:
+                dest.zero_()
+            elif local:
+                layer.load_local(name, dest, t)
             else:
-                owner._buffers[attr] = t
-        if process:
-            for lyr in layers.values():
-                lyr.process_weights_after_loading()
-    except BaseException:
-        for owner, attr, old, old_data, is_param in backup:
-            (owner._parameters if is_param else owner._buffers)[attr] = old
-            if is_param:
-                old.data = old_data
-        for lyr, processed, op_args, datas in backup_layers:
-            for n, p in lyr.checkpoint_params().items():
-                p.data = datas[n]
-            lyr._processed, lyr.op_args = processed, op_args
-        raise
+                layer.load_into(name, dest, t)
+            dests[name] = dest
+        args = layer.method.process_weights_after_loading(layer, dests) if process else None
+        return args, dests
+
+    with torch.no_grad():
+        layer.install(*agree(layer.tp, stage))

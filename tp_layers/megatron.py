@@ -51,12 +51,11 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from ascend_ops import kernels
 from quant.algorithms import quantize_linear
-from quant.schemes import W8A8, Scheme
-from tp_layers.comm import gather_last_dim
+from quant.schemes import Scheme
 from tp_layers.context import TPContext
 from tp_layers.linear import ColumnParallelLinear, ParallelLinearBase, RowParallelLinear
+from tp_layers.loader import load_layer
 from tp_layers.phase import Phase, infer_phase, phase
 
 __all__ = [
@@ -202,10 +201,17 @@ class _MegatronLinearMixin(ParallelLinearBase):
 
     # -- Megatron-layout loading -------------------------------------------------------------
     def _megatron_weight_shape(self) -> tuple[int, int]:
-        raise NotImplementedError
+        """A Megatron rank's weight: (n/tp, k) column, (n, k/tp) row."""
+        return (self.output_size_local, self.input_size_local)
 
     def _megatron_bias_len(self) -> int:
-        raise NotImplementedError
+        return self.output_size_local
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(in_features={self.input_size}, out_features="
+            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
+        )
 
     def load_megatron_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Load this rank's Megatron shard: ``weight`` as a Megatron rank holds it ((n/tp, k)
@@ -229,7 +235,7 @@ class _MegatronLinearMixin(ParallelLinearBase):
                 )
         elif bias is not None:
             raise ValueError(f"{where}.bias: the layer was built with bias=False")
-        if isinstance(self.scheme, W8A8) and not self.scheme.dynamic:
+        if self.scheme.needs_calibration:
             raise ValueError(
                 f"{where}: static W8A8 needs calibrated activation scales; load a quantized "
                 "checkpoint through the parameters' weight_loader instead of a float shard"
@@ -250,29 +256,10 @@ class _MegatronLinearMixin(ParallelLinearBase):
 
     def _load_local(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Write already-local checkpoint-layout tensors into the parameters (all of them)."""
-        params = self.checkpoint_params()
-        missing = sorted(set(params) - set(tensors))
+        missing = sorted(set(self.checkpoint_params()) - set(tensors))
         if missing:
             raise ValueError(f"{self.where}: missing tensors {missing} for a local load")
-        if self._processed:
-            self.unprocess()
-        for name, p in params.items():
-            t = tensors[name]
-            if t.is_floating_point() != p.raw_dtype.is_floating_point or (
-                not p.raw_dtype.is_floating_point and t.dtype != p.raw_dtype
-            ):
-                raise ValueError(
-                    f"{self.where}.{name}: dtype must be {p.raw_dtype}"
-                    f"{' (or another float dtype)' if p.raw_dtype.is_floating_point else ''}, "
-                    f"got {t.dtype}"
-                )
-            if tuple(t.shape) != tuple(p.raw_shape):
-                raise ValueError(
-                    f"{self.where}.{name}: local shape must be {list(p.raw_shape)}, "
-                    f"got {list(t.shape)}"
-                )
-            dev = p.device if p.device.type != "meta" else torch.device("cpu")
-            p.data = t.detach().to(device=dev, dtype=p.raw_dtype).clone()
+        load_layer(self, tensors, local=True, process=False)
 
     # -- state dict in Megatron's keys and layout --------------------------------------------
     def _megatron_state(self, keep_vars: bool) -> dict[str, torch.Tensor]:
@@ -453,12 +440,6 @@ class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
             self.tp.group,
         )
 
-    def _megatron_weight_shape(self) -> tuple[int, int]:
-        return (self.output_size_local, self.input_size)
-
-    def _megatron_bias_len(self) -> int:
-        return self.output_size_local
-
     def forward(
         self,
         input_: torch.Tensor,
@@ -468,20 +449,8 @@ class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
         """``[s, b, input_size] -> ([s, b, output_size / tp] (or gathered), bias or None)``."""
         if weight is not None:
             raise ValueError(f"{self.where}: a weight passed to forward is not supported")
-        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
-        self._ensure_processed()
-        self._check_input(input_, self.input_size, "input_size")
-        prep = self.method.prepare(self, input_, True, self.skip_bias_add, False)
-        y = kernels.mm_local(prep.x1, self.weight, **prep.kwargs)
-        if gather:
-            y = gather_last_dim(y, self.tp)
-        return y, (self.bias if self.skip_bias_add else None)
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(in_features={self.input_size}, out_features="
-            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
-        )
+        out = ColumnParallelLinear.forward(self, input_, gather=runtime_gather_output)
+        return out if self.skip_bias_add else (out, None)
 
 
 class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
@@ -532,12 +501,6 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
             self.tp.group,
         )
 
-    def _megatron_weight_shape(self) -> tuple[int, int]:
-        return (self.output_size, self.input_size_local)
-
-    def _megatron_bias_len(self) -> int:
-        return self.output_size
-
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[s, b, input_size / tp]`` (or full with ``input_is_parallel=False``) ->
         ``([s, b, output_size], bias or None)``, summed over the TP group."""
@@ -546,12 +509,6 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
         if self.skip_bias_add:
             return out
         return out, None
-
-    def __repr__(self) -> str:
-        return (
-            f"{type(self).__name__}(in_features={self.input_size}, out_features="
-            f"{self.output_size}, bias={self.has_bias}, TP={self.tp.size}, quant={self.scheme.name})"
-        )
 
 
 class MegatronLinearClasses(NamedTuple):

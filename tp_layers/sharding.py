@@ -1,23 +1,26 @@
-"""The sharding rules: one table saying, per layer kind and parameter kind, which checkpoint dim
-is split across ranks (None = replicated), and the helpers that take a rank's slice from a full
-tensor, a lazy safetensors slice (``safe_open(...).get_slice``) or a
-:class:`quant.checkpoint.StoredTensor` (positional reads straight into the destination) without
-reading the rest.
+"""The sharding rules: which checkpoint dim each kind of tensor is split along per layer style
+(None = replicated), the one segment-wise sharding function (MLX ``_shard(..., segments)``
+style) that serves column, merged, QKV and head-replicated layers alike, and the helpers that
+take a rank's slice from a full tensor, a lazy safetensors slice (``safe_open(...).get_slice``)
+or a :class:`quant.checkpoint.StoredTensor` (positional reads straight into the destination)
+without reading the rest.
 
 Checkpoint layout is (n, k) for weights (out_features, in_features), as in nn.Linear.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from quant.checkpoint import StoredTensor, dtype_from_safetensors
 
-__all__ = ["SHARD_DIM", "full_shape", "param_kind", "read_range", "source_dtype"]
+__all__ = ["SHARD_DIM", "Segment", "full_shape", "read_range", "shard_ranges", "source_dtype"]
 
-# (parallel style, parameter kind) -> checkpoint dim split across ranks, None = replicated.
+# (parallel style, tensor kind (TensorSpec.kind)) -> checkpoint dim split across ranks.
 SHARD_DIM: dict[tuple[str, str], int | None] = {
     ("row", "weight"): 1,  # (n, k): along k
     ("row", "group"): 1,  # per-group scale (n, k/g): with the weight, whole groups per rank
@@ -32,17 +35,35 @@ SHARD_DIM: dict[tuple[str, str], int | None] = {
 }
 
 
-def param_kind(name: str, shape: tuple[int, ...]) -> str:
-    """Kind of a checkpoint tensor of a linear layer, from its name and full shape."""
-    if name == "weight":
-        return "weight"
-    if name == "bias":
-        return "bias"
-    if len(shape) == 1 and shape[0] == 1:
-        return "tensor"
-    if len(shape) == 2 and shape[1] > 1:
-        return "group"
-    return "channel"
+@dataclass(frozen=True)
+class Segment:
+    """One part of a sharded dim: ``size`` rows in the full tensor, of which this rank keeps
+    ``local`` rows starting at ``start`` (relative to the segment)."""
+
+    size: int
+    local: int
+    start: int
+
+    @classmethod
+    def even(cls, size: int, rank: int, world: int, replicas: int = 1) -> Segment:
+        """Contiguous equal parts; with ``replicas`` > 1 consecutive ranks share one part."""
+        parts = world // replicas
+        local = size // parts
+        return cls(size, local, (rank // replicas) * local)
+
+
+def shard_ranges(segments: Sequence[Segment], index: int | None) -> list[tuple[int, int, int]]:
+    """(source start, length, destination start) of the rows this rank keeps: from a tensor
+    holding every segment concatenated (``index`` None), or from segment ``index`` alone."""
+    out, src, dst = [], 0, 0
+    for i, s in enumerate(segments):
+        if index is None:
+            out.append((src + s.start, s.local, dst))
+        elif i == index:
+            out.append((s.start, s.local, dst))
+        src += s.size
+        dst += s.local
+    return out
 
 
 def full_shape(loaded: Any) -> tuple[int, ...]:
