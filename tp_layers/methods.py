@@ -17,6 +17,7 @@ import torch
 
 import ascend_ops
 from ascend_ops import kernels
+from ascend_ops.contract import FORMAT_NZ
 from quant.convention import to_antiquant_offset
 from quant.schemes import FP, W8A8, W8A16, Scheme
 
@@ -31,8 +32,6 @@ __all__ = [
     "W8A16Method",
     "method_for",
 ]
-
-FORMAT_NZ = 29
 
 
 class Prepared:
