@@ -22,12 +22,14 @@ __all__ = [
     "MIN_TILE_ROWS",
     "NO_SPLIT_BELOW_ROWS",
     "QUANT_DIM_MAX",
+    "A2_CUBE_CORES",
     "W8A8_DEQUANT_SCALE_DTYPES",
     "WORLD_SIZES",
     "MmAllReduceArgs",
     "allreduce_us",
     "kernel_min_tile_rows",
     "kernel_splits_m",
+    "kernel_tile_rows",
     "matmul_us",
     "output_dtype",
     "w8a8_output_dtype",
@@ -120,19 +122,24 @@ def kernel_min_tile_rows(n: int, k: int, out_bytes: int = 2, cores: int = A2_CUB
     return max(_BASE_M, comm, mm)
 
 
+def kernel_tile_rows(m: int, n: int, k: int, out_bytes: int = 2, cores: int = A2_CUBE_CORES) -> int:
+    """The kernel's minimum M chunk length for this call, after the halving rule (compute and
+    communication estimates within 2x, m below twice the minimum, n * k >= 32 Mi)."""
+    lo = kernel_min_tile_rows(n, k, out_bytes, cores)
+    if m < 2 * lo and n * k >= _LARGE_NK:
+        mm, comm = matmul_us(m, n, k, out_bytes, cores), allreduce_us(m, n, out_bytes)
+        if max(mm, comm) / min(mm, comm) < 2.0:
+            lo = lo // 2
+    return lo
+
+
 def kernel_splits_m(m: int, n: int, k: int, out_bytes: int = 2, cores: int = A2_CUBE_CORES) -> bool:
     """Whether the Atlas A2 fused kernel cuts m rows into more than one pipelined chunk (it
     overlaps matmul and all-reduce only then; otherwise it runs them one after the other).
 
     m: rows of x1 (tokens); n, k: the per-rank weight (k, n); out_bytes: output element size.
     """
-    lo = kernel_min_tile_rows(n, k, out_bytes, cores)
-    if m >= 2 * lo:
-        return True
-    if m < lo or n * k < _LARGE_NK:
-        return False
-    mm, comm = matmul_us(m, n, k, out_bytes, cores), allreduce_us(m, n, out_bytes)
-    return max(mm, comm) / min(mm, comm) < 2.0
+    return m >= 2 * kernel_tile_rows(m, n, k, out_bytes, cores)
 
 
 # Cost estimates of the vendor tiling (KERNELS.md "Inside npu_mm_all_reduce_base"): the HCCL

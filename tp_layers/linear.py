@@ -529,7 +529,7 @@ class RowParallelLinear(ParallelLinearBase):
             y = kernels.mm_local(
                 prep.x1, self.weight, x3=residual if owner else None, **prep.kwargs
             )
-        elif infer_phase(x) is Phase.PREFILL:
+        elif infer_phase(x, self.output_size) is Phase.PREFILL:
             _count_path("fused")
             prep = self.method.prepare(self, x, owner, skip, True)
             x3 = residual if owner else None
