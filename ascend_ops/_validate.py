@@ -406,6 +406,7 @@ def _check_w8a16(
     offset: torch.Tensor | None,
     g: int,
 ) -> None:
+    """Q1-Q4: the weight-only quant scenario's scale, sizes, group size and offset."""
     if scale is None:
         raise _err(
             ValueError,
@@ -447,23 +448,29 @@ def _check_w8a16(
             f"shape must be [1] (per-tensor), [n] or [1, n] (per-channel) with n = {n}, or per-group with antiquant_group_size > 0; got {tuple(scale.shape)}",
             "Q1",
         )
-    if offset is not None:
-        offset = _tensor("antiquant_offset", offset, "Q2")
-        if offset.dtype != scale.dtype:
-            raise _err(
-                TypeError,
-                "antiquant_offset",
-                f"dtype must equal antiquant_scale's ({scale.dtype}), got {offset.dtype}",
-                "Q2",
-            )
-        if offset.shape != scale.shape:
-            raise _err(
-                ValueError,
-                "antiquant_offset",
-                f"shape must equal antiquant_scale's {tuple(scale.shape)}, got {tuple(offset.shape)}",
-                "Q2",
-            )
-        _same_device("antiquant_offset", offset, x1, "Q2")
+    _check_antiquant_offset(offset, scale, x1)
+
+
+def _check_antiquant_offset(offset: object, scale: torch.Tensor, x1: torch.Tensor) -> None:
+    """Q2: the offset has the scale's dtype and shape."""
+    if offset is None:
+        return
+    offset = _tensor("antiquant_offset", offset, "Q2")
+    if offset.dtype != scale.dtype:
+        raise _err(
+            TypeError,
+            "antiquant_offset",
+            f"dtype must equal antiquant_scale's ({scale.dtype}), got {offset.dtype}",
+            "Q2",
+        )
+    if offset.shape != scale.shape:
+        raise _err(
+            ValueError,
+            "antiquant_offset",
+            f"shape must equal antiquant_scale's {tuple(scale.shape)}, got {tuple(offset.shape)}",
+            "Q2",
+        )
+    _same_device("antiquant_offset", offset, x1, "Q2")
 
 
 def _check_w8a8(
@@ -478,6 +485,7 @@ def _check_w8a8(
     antiquant_offset: torch.Tensor | None,
     g: int,
 ) -> torch.dtype:
+    """Q5, Q7 and the antiquant refusal of the full-quant scenario; returns the output dtype."""
     _refuse_antiquant(antiquant_scale, antiquant_offset, g, "full-quant")
     if k > QUANT_DIM_MAX:
         raise _err(ValueError, "x1", f"k = {k} exceeds [1, 65535] in the full-quant scenario", "Q7")
@@ -511,6 +519,15 @@ def _check_w8a8(
             "Q5",
         )
     _same_device("dequant_scale", dequant_scale, x1, "Q5")
+    _check_pertoken_scale(pertoken_scale, dequant_scale, m, x1)
+    return w8a8_output_dtype(dequant_scale)
+
+
+def _check_pertoken_scale(
+    pertoken_scale: object, dequant_scale: torch.Tensor, m: int, x1: torch.Tensor
+) -> None:
+    """Q6: float32 [m]; with it the dequant scale is float32 / bf16. Q9: without it a float32
+    dequant scale must be packed."""
     if pertoken_scale is not None:
         pertoken_scale = _tensor("pertoken_scale", pertoken_scale, "Q6")
         if pertoken_scale.dtype != torch.float32:
@@ -543,7 +560,6 @@ def _check_w8a8(
             "float32 without pertoken_scale must first be packed to int64 with trans_quant_param",
             "Q9",
         )
-    return w8a8_output_dtype(dequant_scale)
 
 
 def check_group(world_size: int, hcom: str) -> None:
