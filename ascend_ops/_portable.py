@@ -358,7 +358,7 @@ def quantize(
 
 
 def dynamic_quant(
-    input: torch.Tensor, smooth_scales: torch.Tensor | None = None
+    input: torch.Tensor, *, smooth_scales: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token symmetric int8: ``inv = 127 / rowmax(|x|)``, ``y = rint(x * inv)``,
     ``scale = 1 / inv`` (1 for an all-zero row). input: (..., k) -> (int8 same shape, float32

@@ -8,7 +8,11 @@ Atlas A2) followed by saturation to [-128, 127].
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
 
 import torch
 
@@ -21,6 +25,9 @@ from ascend_ops._portable import (
     prepare_w8a16_weight,
 )
 from ascend_ops.contract import w8a8_output_dtype
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 __all__ = [
     "BF16_GEMM_MAX_M",
@@ -42,73 +49,31 @@ def _on_npu(t: torch.Tensor) -> bool:
     return backend.select(t) is backend.Backend.ASCEND
 
 
-def fp_matmul(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    x3: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """FP per-rank value ``x @ w + bias + x3``. x: (m, k) or (b, s, k) fp16/bf16 (fp32: portable
-    only); w: (k, n) same dtype; bias: (n,); x3: like output. Returns x's dtype."""
-    if _on_npu(x):
-        from ascend_ops import _npu
+def _dispatched(portable_fn: Callable[P, R]) -> Callable[P, R]:
+    """``portable_fn``'s signature and docstring; calls on the Ascend backend (by the first
+    argument's device) go to ``_npu``'s function of the same name, with every argument bound
+    (the adapters take no defaults)."""
+    sig = inspect.signature(portable_fn)
+    name = portable_fn.__name__
 
-        return _npu.fp_matmul(x, w, bias, x3)
-    return _portable.fp_matmul(x, w, bias, x3)
+    @functools.wraps(portable_fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        first = args[0] if args else next(iter(kwargs.values()))
+        if _on_npu(first):  # type: ignore[arg-type]
+            from ascend_ops import _npu
 
+            bound = sig.bind(*args, **kwargs)
+            bound.apply_defaults()
+            return getattr(_npu, name)(*bound.args, **bound.kwargs)
+        return portable_fn(*args, **kwargs)
 
-def weight_quant_matmul(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    antiquant_scale: torch.Tensor,
-    antiquant_offset: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    antiquant_group_size: int = 0,
-    x3: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """W8A16 ``x @ ((weight + offset) * scale) + bias [+ x3]`` (npu_weight_quant_batchmatmul).
-
-    x: (m, k) or (b, s, k) fp16/bf16 (fp32 on the portable backend); weight: (k, n) int8;
-    antiquant_scale / offset: [1], [n], [1, n] or [ceil(k/g), n] in x's dtype; bias: (n,) x's
-    dtype or fp32. Output: x's dtype.
-    """
-    if _on_npu(x):
-        from ascend_ops import _npu
-
-        return _npu.weight_quant_matmul(
-            x, weight, antiquant_scale, antiquant_offset, bias, antiquant_group_size, x3
-        )
-    return _portable.weight_quant_matmul(
-        x, weight, antiquant_scale, antiquant_offset, bias, antiquant_group_size, x3
-    )
+    return call
 
 
-def quant_matmul(
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    scale: torch.Tensor,
-    *,
-    offset: torch.Tensor | None = None,
-    pertoken_scale: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    output_dtype: torch.dtype | None = None,
-    x3: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """W8A8 ``(x1 @ x2 + bias_int32) * scale [* pertoken_scale] [+ x3]`` (npu_quant_matmul).
-
-    x1: (m, k) or (b, s, k) int8; x2: (k, n) int8; scale: [1] / [n] / [1, n] as int64/uint64
-    (packed by trans_quant_param), float32 or bf16; pertoken_scale: float32 [m]; bias: int32.
-    output_dtype: fp16 / bf16 (default by the W8A8 dtype table) or int8 (re-quantization with
-    ``offset``).
-    """
-    kw = dict(
-        offset=offset, pertoken_scale=pertoken_scale, bias=bias, output_dtype=output_dtype, x3=x3
-    )
-    if _on_npu(x1):
-        from ascend_ops import _npu
-
-        return _npu.quant_matmul(x1, x2, scale, **kw)
-    return _portable.quant_matmul(x1, x2, scale, **kw)
+fp_matmul = _dispatched(_portable.fp_matmul)
+weight_quant_matmul = _dispatched(_portable.weight_quant_matmul)
+quant_matmul = _dispatched(_portable.quant_matmul)
+dynamic_quant = _dispatched(_portable.dynamic_quant)
 
 
 def quantize(
@@ -132,18 +97,6 @@ def quantize(
 
         return _npu.quantize(input, scales, zero_points, axis, div_mode)
     return _portable.quantize(input, scales, zero_points, axis, div_mode)
-
-
-def dynamic_quant(
-    input: torch.Tensor, *, smooth_scales: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric quantization (npu_dynamic_quant). input: (..., k) fp16/bf16 ->
-    (int8 of input's shape, float32 scale of shape input.shape[:-1])."""
-    if _on_npu(input):
-        from ascend_ops import _npu
-
-        return _npu.dynamic_quant(input, smooth_scales)
-    return _portable.dynamic_quant(input, smooth_scales)
 
 
 def mm_local(
