@@ -12,7 +12,7 @@ import functools
 import inspect
 import sys
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 
@@ -99,30 +99,8 @@ def quantize(
     return _portable.quantize(input, scales, zero_points, axis, div_mode)
 
 
-def mm_local(
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    *,
-    bias: torch.Tensor | None = None,
-    antiquant_scale: torch.Tensor | None = None,
-    antiquant_offset: torch.Tensor | None = None,
-    x3: torch.Tensor | None = None,
-    dequant_scale: torch.Tensor | None = None,
-    pertoken_scale: torch.Tensor | None = None,
-    antiquant_group_size: int = 0,
-) -> torch.Tensor:
-    """The fused op's per-rank value (everything but the all-reduce), by scenario, on x1's
-    backend. Same arguments and dtype rules as mm_all_reduce_base; the caller validates them.
-    """
-    return _portable.mm_local(
-        x1,
-        x2,
-        bias=bias,
-        antiquant_scale=antiquant_scale,
-        antiquant_offset=antiquant_offset,
-        x3=x3,
-        dequant_scale=dequant_scale,
-        pertoken_scale=pertoken_scale,
-        antiquant_group_size=antiquant_group_size,
-        ops=sys.modules[__name__],
-    )
+@functools.wraps(_portable.mm_local)
+def mm_local(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """The fused op's per-rank value (everything but the all-reduce), by scenario, each kernel
+    on x1's backend (``_portable.mm_local`` with this module's dispatching kernels)."""
+    return _portable.mm_local(*args, ops=sys.modules[__name__], **kwargs)
