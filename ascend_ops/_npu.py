@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from ascend_ops import backend
-from ascend_ops.kernels import w8a8_output_dtype
+from ascend_ops.contract import w8a8_output_dtype
 
 __all__ = [
     "dynamic_quant",
