@@ -520,7 +520,9 @@ class RowParallelLinear(ParallelLinearBase):
         """ "local" (TP 1 / reduce_results=False), "fused" (prefill) or "unfused" (decode)."""
         if self.tp.size == 1 or not self.reduce_results:
             return count_path("local")
-        return count_path("fused" if infer_phase(x, self.output_size) is Phase.PREFILL else "unfused")
+        return count_path(
+            "fused" if infer_phase(x, self.output_size) is Phase.PREFILL else "unfused"
+        )
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -24,7 +24,6 @@ from quant.schemes import FP, W8A8, W8A16, Scheme, TensorSpec
 __all__ = ["FPMethod", "LinearMethod", "W8A8Method", "W8A16Method", "method_for", "register"]
 
 
-
 class LinearLayer(Protocol):
     """What a method reads of its layer (tp_layers.linear.ParallelLinearBase)."""
 
