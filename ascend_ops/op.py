@@ -159,7 +159,8 @@ def mm_all_reduce_base(
     # non-tensor x1 / x2 reach the validation (C1 / C2 TypeError), not an AttributeError here
     ascend = backend.select(x1 if isinstance(x1, torch.Tensor) else None) is backend.Backend.ASCEND
     x2_format = None
-    if ascend and isinstance(x2, torch.Tensor):
+    # under torch.compile the storage format of a fake tensor is unknown (the kernel checks it)
+    if ascend and isinstance(x2, torch.Tensor) and not torch.compiler.is_compiling():
         from ascend_ops import layout
 
         x2_format = layout.get_format(x2)
@@ -181,7 +182,9 @@ def mm_all_reduce_base(
         ascend=ascend,
         x2_format=x2_format,
     )
-    fn = _mm_all_reduce_base_op if torch.compiler.is_compiling() else _impl
+    # compiled on Ascend, _impl traces the vendor op itself (torch.ops.npu.npu_mm_all_reduce_base,
+    # which torchair lowers); the portable path stays one opaque ascend_ops custom op
+    fn = _mm_all_reduce_base_op if torch.compiler.is_compiling() and not ascend else _impl
     return fn(
         x1,
         x2,
