@@ -271,3 +271,33 @@ def test_compiled_layers_lower_to_vendor_ops(npu_impl: str) -> None:
                 assert f"npu.{quant}.default" in npu_ops, key
             if phase == "decode":
                 assert any(t.startswith("ascend_ops.all_reduce") for t in targets), key
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _ascend_load_body(rank: int, ws: int, impl: str, ckpt: str, scheme_name: str) -> tuple:
+    """tests/test_loading.py's sharded load + forward check, with the Ascend backend forced."""
+    from test_loading import _load_body
+
+    import ascend_ops
+
+    tnpu = install_impl(impl)
+    try:
+        with ascend_ops.use_backend("ascend"):
+            out = _load_body(rank, ws, ckpt, scheme_name, False)
+        casts = tnpu.calls_named("npu_format_cast")
+        if scheme_name != "fp":  # quantized weights are cast to FRACTAL_NZ on Ascend
+            assert casts and all(c.args["acl_format"] == 29 for c in casts), casts
+    finally:
+        uninstall_impl(impl)
+    return out
+
+
+@pytest.mark.parametrize("scheme_name", ["fp", "w8a16_g32_asym", "w8a8", "w8a8_dynamic"])
+def test_sharded_load_on_ascend_backend(tmp_path, npu_impl: str, scheme_name: str) -> None:  # type: ignore[no-untyped-def]
+    from test_loading import _full_tensors, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", _full_tensors(scheme_name), scheme_name)
+    results = run_on(npu_impl, 2, _ascend_load_body, str(ckpt), scheme_name)
+    assert len({r[0] for r in results}) == 1
