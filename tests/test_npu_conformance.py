@@ -18,7 +18,14 @@ import npu_double
 import pytest
 import torch
 from layer_cases import make_input
-from npu_conformance import converter_targets, install_impl, run_on, schemas, uninstall_impl
+from npu_conformance import (
+    VERSIONS,
+    converter_targets,
+    install_impl,
+    run_on,
+    schemas,
+    uninstall_impl,
+)
 
 from ascend_ops import _npu, backend
 
@@ -42,11 +49,9 @@ def _schema_args(version: str, op: str) -> set[str]:
     return names
 
 
-def test_matrix_spans_the_schema_changes(npu_impl: str) -> None:
-    """The matrix holds releases with and without each versioned argument, and every release
-    has the ops the Ascend backend calls."""
-    if npu_impl == "double":
-        pytest.skip("the double has no yaml schema")
+@pytest.mark.parametrize("npu_impl", VERSIONS, indirect=True)
+def test_release_has_the_ops_and_converters(npu_impl: str) -> None:
+    """Every release has the ops the Ascend backend calls, and torchair converters for them."""
     have = schemas(npu_impl)
     for op in (*VERSIONED_ARGS, "npu_quantize", "npu_dynamic_quant", "npu_format_cast"):
         assert op in have, (npu_impl, op)
@@ -250,9 +255,8 @@ def _qualname(target: str) -> str:
     return f"{ns}::{rest}"
 
 
+@pytest.mark.parametrize("npu_impl", VERSIONS, indirect=True)
 def test_compiled_layers_lower_to_vendor_ops(npu_impl: str) -> None:
-    if npu_impl == "double":
-        pytest.skip("graph mode needs the registered npu:: ops (a release of the matrix)")
     converters = converter_targets(npu_impl)
     for seen in run_on(npu_impl, 2, _compile_body, timeout=600):
         for key, targets in seen.items():
@@ -301,3 +305,44 @@ def test_sharded_load_on_ascend_backend(tmp_path, npu_impl: str, scheme_name: st
     ckpt = write_checkpoint(tmp_path / "ckpt", _full_tensors(scheme_name), scheme_name)
     results = run_on(npu_impl, 2, _ascend_load_body, str(ckpt), scheme_name)
     assert len({r[0] for r in results}) == 1
+
+
+# ------------------------------------------------------------------------------------ HF swap
+
+
+def _ascend_hf_body(rank: int, ws: int, impl: str) -> float:
+    """A bf16 Llama parallelized on the Ascend backend vs the same model on the portable one:
+    one fused call per row layer in prefill, logits within bf16 rounding."""
+    import copy
+
+    from test_hf import _ids, _row_layers, make_model
+
+    import ascend_ops
+    import tp_layers as tl
+
+    # built before torch_npu appears in sys.modules: transformers' lazy accelerate import
+    # probes importlib.util.find_spec("torch_npu")
+    model = make_model("llama", dtype=torch.bfloat16)
+    ref = copy.deepcopy(model)
+    tnpu = install_impl(impl)
+    try:
+        tl.parallelize(ref)
+        with ascend_ops.use_backend("ascend"):
+            tl.parallelize(model)
+        ids = _ids()
+        with torch.no_grad():
+            want = ref(ids).logits.float()
+            tnpu.reset()
+            with ascend_ops.use_backend("ascend"):
+                got = model(ids).logits.float()
+        fused = tnpu.calls_named("npu_mm_all_reduce_base")
+        assert len(fused) == _row_layers(model) and all(c.error is None for c in fused)
+        err = (got - want).abs().max().item()
+        assert err <= 2**-6 * want.abs().max().item(), err
+    finally:
+        uninstall_impl(impl)
+    return err
+
+
+def test_hf_swap_on_ascend_backend(npu_impl: str) -> None:
+    run_on(npu_impl, 2, _ascend_hf_body)
