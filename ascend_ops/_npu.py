@@ -78,7 +78,7 @@ _NEUTRAL: dict[str, Any] = {
     "inner_precise": 0,
 }
 
-_arg_cache: weakref.WeakKeyDictionary[Any, dict[str, frozenset[str]]] = weakref.WeakKeyDictionary()
+_arg_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, ...]]] = weakref.WeakKeyDictionary()
 
 
 def arg_names(op: str) -> frozenset[str]:
@@ -90,10 +90,6 @@ def arg_names(op: str) -> frozenset[str]:
 @torch.compiler.assume_constant_result
 def _arg_names_tuple(op: str) -> tuple[str, ...]:
     # a constant for torch.compile: the schema of the installed release does not change
-    return tuple(sorted(_lookup_arg_names(op)))
-
-
-def _lookup_arg_names(op: str) -> frozenset[str]:
     mod = backend.npu_module()
     per_mod = _arg_cache.setdefault(mod, {})
     names = per_mod.get(op)
@@ -105,9 +101,9 @@ def _lookup_arg_names(op: str) -> frozenset[str]:
             )
         schema = getattr(getattr(fn, "default", None), "_schema", None)
         if schema is not None:
-            names = frozenset(a.name for a in schema.arguments)
+            names = tuple(a.name for a in schema.arguments)
         else:
-            names = frozenset(inspect.signature(fn).parameters)
+            names = tuple(inspect.signature(fn).parameters)
         per_mod[op] = names
     return names
 
