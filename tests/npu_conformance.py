@@ -58,6 +58,7 @@ __all__ = [
     "converter_targets",
     "ensure",
     "install",
+    "hidden_torch_npu",
     "install_impl",
     "run_on",
     "schemas",
@@ -531,6 +532,18 @@ def install(version: str) -> ConformanceTorchNpu:
     mod.meta_ops = frozenset(meta_ops)  # type: ignore[attr-defined]
     _INSTALLED = mod
     return mod
+
+
+@contextlib.contextmanager
+def hidden_torch_npu() -> Any:
+    """Hide the installed torch_npu stand-in from ``sys.modules`` for the block: libraries that
+    probe ``importlib.util.find_spec("torch_npu")`` on first import (transformers' lazy
+    accelerate import) would otherwise fail on a module without a spec."""
+    saved = {k: sys.modules.pop(k) for k in ("torch_npu", "torch_npu.npu") if k in sys.modules}
+    try:
+        yield
+    finally:
+        sys.modules.update(saved)
 
 
 def install_impl(impl: str) -> Any:

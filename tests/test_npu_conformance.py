@@ -21,6 +21,7 @@ from layer_cases import make_input
 from npu_conformance import (
     VERSIONS,
     converter_targets,
+    hidden_torch_npu,
     install_impl,
     run_on,
     schemas,
@@ -320,9 +321,8 @@ def _ascend_hf_body(rank: int, ws: int, impl: str) -> float:
     import ascend_ops
     import tp_layers as tl
 
-    # built before torch_npu appears in sys.modules: transformers' lazy accelerate import
-    # probes importlib.util.find_spec("torch_npu")
-    model = make_model("llama", dtype=torch.bfloat16)
+    with hidden_torch_npu():  # a release stays installed in its worker across tests
+        model = make_model("llama", dtype=torch.bfloat16)
     ref = copy.deepcopy(model)
     tnpu = install_impl(impl)
     try:
