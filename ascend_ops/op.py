@@ -109,7 +109,7 @@ def mm_all_reduce_base(
     # non-tensor x1 / x2 reach the validation (C1 / C2 TypeError), not an AttributeError here
     ascend = backend.select(x1 if isinstance(x1, torch.Tensor) else None) is backend.Backend.ASCEND
     x2_format = None
-    if ascend and isinstance(x2, torch.Tensor):
+    if ascend and isinstance(x2, torch.Tensor) and not torch.compiler.is_compiling():
         from ascend_ops import layout
 
         x2_format = layout.get_format(x2)
@@ -130,7 +130,9 @@ def mm_all_reduce_base(
         antiquant_group_size,
     )
     check_mm_all_reduce_base(*args, ascend=ascend, x2_format=x2_format)
-    if torch.compiler.is_compiling():
+    # compiled on Ascend, _impl traces the vendor op itself (torch.ops.npu.npu_mm_all_reduce_base,
+    # which torchair lowers); the portable path stays one opaque ascend_ops custom op
+    if torch.compiler.is_compiling() and not ascend:
         return _mm_all_reduce_base_op(*args)
     return _impl(args)
 

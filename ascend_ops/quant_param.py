@@ -52,7 +52,9 @@ def trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None) -
                 f"{tuple(scale.shape)} (use [1] or the scale's length)"
             ) from e
     if backend.select(scale) is backend.Backend.ASCEND:
-        return backend.npu_module().npu_trans_quant_param(scale, offset)
+        from ascend_ops import _npu
+
+        return _npu.trans_quant_param(scale, offset)
     bits = _float32_bits(scale.to(torch.float32)) & _SCALE_MASK
     if offset is not None:
         off_f = torch.round(offset.to(torch.float32))
