@@ -26,7 +26,8 @@ TORCH_VERSION: tuple[int, int, int] = _release(torch.__version__)
 
 # An exception raised by traced code under torch.compile(fullgraph=True) reaches the caller as
 # dynamo's "Observed exception" error. From torch 2.9 its text carries the exception's args (our
-# "x3: ... (C7)" message); 2.8 and older print only the exception class (torch/_dynamo/
-# symbolic_convert.py, exception_handler: `raised exception {curr_exc.python_type_name()}
-# ({curr_exc.args})` in 2.9.1, absent in 2.8.0). Eager calls raise the message in every version.
+# "x3: ... (C7)" message); 2.6-2.8 print only the exception class, 2.5 not even that
+# (torch/_dynamo/symbolic_convert.py, exception_handler: `raised exception
+# {curr_exc.python_type_name()}({curr_exc.args})` in 2.9.1, absent in 2.8.0; seen on 2.5.1 and
+# 2.7.1). Eager calls raise the message in every version.
 DYNAMO_REPORTS_EXCEPTION_ARGS: bool = TORCH_VERSION >= (2, 9)

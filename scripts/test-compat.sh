@@ -16,6 +16,9 @@
 #   COMPAT_TORCH_INDEX  index URL for the torch step only (e.g. PyTorch's CPU wheel index, far
 #                       smaller than PyPI's CUDA build); unset: torch from the default index.
 #   COMPAT_EXTRAS       extras to install (default test,hf,megatron).
+#   COMPAT_PINS         more requirement specs for the extras line, space-separated: with torch
+#                       2.5.1 use COMPAT_PINS="transformers<5" (transformers 5 disables its torch
+#                       support below torch 2.6 at import time, its metadata does not say so).
 #   COMPAT_FRESH=1      delete the venv first.
 #   COMPAT_TEST_TIMEOUT seconds per test (pytest-timeout; default 900).
 set -euo pipefail
@@ -81,7 +84,7 @@ fi
 t1=$(date +%s)
 # Install from a copy of the tree's files (tracked and untracked, not ignored): pip builds in the
 # source folder, and setuptools' build/ would otherwise carry modules deleted from the tree.
-src="$cache/src"
+src="$venv.src"  # one per venv: runs of different pairs may overlap
 rm -rf "$src"
 mkdir -p "$src"
 (cd "$root" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf -) \
@@ -97,8 +100,10 @@ fi
 # extra's newest release may want a newer torch (megatron-core 0.15+ needs >=2.6), and the pin makes
 # pip pick an older release of the extra instead of replacing torch.
 if [ -n "$extras" ]; then
-    echo "[compat] pip install .[$extras] torch==$torch_v" >&2
-    pip_install "$src[$extras]" "torch==$torch_v" ${COMPAT_TORCH_INDEX:+--extra-index-url "$COMPAT_TORCH_INDEX"}
+    echo "[compat] pip install .[$extras] torch==$torch_v ${COMPAT_PINS:-}" >&2
+    # shellcheck disable=SC2086  # COMPAT_PINS is a list of requirement specs
+    pip_install "$src[$extras]" "torch==$torch_v" ${COMPAT_PINS:-} \
+        ${COMPAT_TORCH_INDEX:+--extra-index-url "$COMPAT_TORCH_INDEX"}
 fi
 if "$py" -c "import importlib.util,sys; sys.exit(0 if importlib.util.find_spec('torch_npu') else 1)"; then
     echo "[compat] torch_npu found in $venv: removing it (it breaks import torch without CANN)" >&2

@@ -174,10 +174,8 @@ def test_validation_still_runs_under_compile() -> None:
     w = _weights()
     compiled = torch.compile(fp_fn, backend="eager", fullgraph=True)
     x = torch.randn(4, K).to(BF)
-    # torch < 2.9: dynamo's error names only the exception class (ascend_ops._compat)
-    msg = (
-        r"x3: .*\(C7\)" if DYNAMO_REPORTS_EXCEPTION_ARGS else r"Observed exception(?s:.*)ValueError"
-    )
+    # torch < 2.9: dynamo's error does not carry the message (ascend_ops._compat)
+    msg = r"x3: .*\(C7\)" if DYNAMO_REPORTS_EXCEPTION_ARGS else r"Observed exception"
     with pytest.raises(Exception, match=msg):
         compiled(x, torch.zeros(4, N + 1).to(BF), w["w_fp"], ao.hcom_name())
     torch._dynamo.reset()
