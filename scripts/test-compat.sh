@@ -87,8 +87,12 @@ t1=$(date +%s)
 src="$venv.src"  # one per venv: runs of different pairs may overlap
 rm -rf "$src"
 mkdir -p "$src"
-(cd "$root" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf -) \
-    2>/dev/null | tar -xf - -C "$src"
+if git -C "$root" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
+    (cd "$root" && git ls-files -z -co --exclude-standard | tar --null --ignore-failed-read -T - -cf -) \
+        2>/dev/null | tar -xf - -C "$src"
+else
+    tar -C "$root" --exclude=./.cache --exclude=./.venv --exclude=./build -cf - . | tar -xf - -C "$src"
+fi
 # The plain install must leave the user's torch alone: nothing pinned, torch checked after.
 echo "[compat] pip install . (from $src)" >&2
 pip_install "$src"
@@ -97,7 +101,7 @@ if [ "$(torch_now)" != "$torch_v" ]; then
     exit 1
 fi
 # Extras with torch named on the same line, as a user with a torch_npu pair installs them: an
-# extra's newest release may want a newer torch (megatron-core 0.15+ needs >=2.6), and the pin makes
+# extra's newest release may want a newer torch (megatron-core 0.15.3+ need >=2.6), and the pin makes
 # pip pick an older release of the extra instead of replacing torch.
 if [ -n "$extras" ]; then
     echo "[compat] pip install .[$extras] torch==$torch_v ${COMPAT_PINS:-}" >&2
