@@ -29,11 +29,14 @@ import torch
 from torch import nn
 
 from quant.checkpoint import CheckpointReader
+from tp_layers.embedding import VocabParallelEmbedding
 from tp_layers.linear import ParallelLinearBase
 
 __all__ = ["CheckpointError", "LoadReport", "load_weights"]
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# modules that shard their own checkpoint tensors (checkpoint_params / load_into / process)
+_SHARDED = (ParallelLinearBase, VocabParallelEmbedding)
 
 
 class CheckpointError(ValueError):
@@ -102,7 +105,7 @@ def load_weights(
     reader = _open(path)
     report = LoadReport(files=[str(f) for f in reader.files])
     ignore = list(ignore_missing)
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, ParallelLinearBase)}
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, _SHARDED)}
     staged: list[tuple[nn.Module, str, torch.Tensor, bool]] = []  # (owner, attr, tensor, is_param)
     consumed: set[str] = set()
     missing: list[str] = []
@@ -118,7 +121,7 @@ def load_weights(
                 report,
             )
         for owner_name, owner in module.named_modules():
-            if isinstance(owner, ParallelLinearBase):
+            if isinstance(owner, _SHARDED):
                 continue
             tensors = [(n, p, True) for n, p in owner._parameters.items() if p is not None]
             tensors += [
