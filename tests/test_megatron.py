@@ -14,10 +14,16 @@ embeddings, since RoPE moves its frequencies to ``torch.cuda.current_device()``.
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mp_harness import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from megatron_gpt import CpuMemoryBuffer as _CpuMemoryBuffer
+from megatron_gpt import build_gpt
 
 pytestmark = [
     pytest.mark.megatron,
@@ -58,24 +64,7 @@ def _config(tp: int):
 
 
 def _gpt(config, spec, seed: int):
-    from megatron.core.models.gpt import GPTModel
-
-    torch.manual_seed(seed)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="learned_absolute",  # RoPE moves inv_freq to CUDA
-    ).eval()
-
-
-class _CpuMemoryBuffer:
-    """Megatron's global memory buffer allocates on ``torch.cuda.current_device()``; the
-    attention scores buffer (used with beta=0) is allocated on the CPU instead."""
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None) -> torch.Tensor:
-        return torch.empty(tensor_shape, dtype=dtype)
+    return build_gpt(config, spec, VOCAB, SEQ, seed)
 
 
 class _Calls:
