@@ -200,13 +200,13 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def tie_weights(self, embedding: VocabParallelEmbedding) -> ParallelLMHead:
         """Use ``embedding``'s weight from now on (it must shard the same vocab the same way)."""
-        same = (
+        same = isinstance(embedding, VocabParallelEmbedding) and (
             embedding.num_embeddings == self.num_embeddings
             and embedding.num_embeddings_padded == self.num_embeddings_padded
             and embedding.embedding_dim == self.embedding_dim
             and embedding.tp == self.tp
         )
-        if not isinstance(embedding, VocabParallelEmbedding) or not same:
+        if not same:
             raise ValueError(
                 f"{self.where}: can only tie to a VocabParallelEmbedding of the same vocab, "
                 f"hidden size and TP context, got {embedding!r}"
