@@ -23,7 +23,7 @@ from mp_harness import run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from megatron_gpt import CpuMemoryBuffer as _CpuMemoryBuffer
-from megatron_gpt import build_gpt
+from megatron_gpt import build_gpt, gpt_config
 
 pytestmark = [
     pytest.mark.megatron,
@@ -45,22 +45,7 @@ Q_RTOL = 0.01
 
 
 def _config(tp: int):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        tensor_model_parallel_size=tp,
-        use_cpu_initialization=True,
-        add_bias_linear=True,
-        gated_linear_unit=True,  # linear_fc1 with stride 2: [gate_r | up_r] per rank
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=torch.float32,
-    )
+    return gpt_config(tp)  # fp32, gated MLP (linear_fc1 with stride 2: [gate_r | up_r] per rank)
 
 
 def _gpt(config, spec, seed: int):
