@@ -137,12 +137,20 @@ def test_plan_keys_relative_to_model_or_base_model() -> None:
 
 @pytest.fixture(scope="module")
 def smol_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The 9 / 3-head model saved in float32 (tied) and in bf16 (untied)."""
+    """The 9 / 3-head model saved in float32 (tied), in bf16 (untied), and quantized (W8A16
+    per channel and per 32-group)."""
     root = tmp_path_factory.mktemp("smol")
-    smol_model(seed=4).save_pretrained(str(root / "fp32"))
-    untied = smol_model(seed=5, tie_word_embeddings=False).to(torch.bfloat16)
+    wide = {"hidden_size": 288, "head_dim": 32, "intermediate_size": 128}  # 32-wide groups
+    smol_model(seed=4, **wide).save_pretrained(str(root / "fp32"))
+    untied = smol_model(seed=5, tie_word_embeddings=False, **wide).to(torch.bfloat16)
     untied.save_pretrained(str(root / "bf16"))
-    return {"fp32": str(root / "fp32"), "bf16": str(root / "bf16")}
+    from quant import W8A16, quantize_checkpoint
+
+    dirs = {"fp32": str(root / "fp32"), "bf16": str(root / "bf16")}
+    for name, scheme in (("w8a16", W8A16()), ("w8a16g", W8A16(group_size=32))):
+        dirs[name] = str(root / name)
+        quantize_checkpoint(dirs["fp32"], dirs[name], scheme, progress=False)
+    return dirs
 
 
 def _load_body(rank: int, ws: int, dirs: dict[str, str]) -> dict:
@@ -163,15 +171,21 @@ def _load_body(rank: int, ws: int, dirs: dict[str, str]) -> dict:
             if dtype == torch.float32:
                 assert torch.equal(_greedy(model, ids), _greedy(ref, ids))
         out[kind] = model.tp_load_report.bytes_read
-    # quantize on load through the padding (full float weight padded, then quantized)
-    q = tl.load_pretrained(dirs["fp32"], quant=W8A16(), pad_heads=True)
-    qref = tl.parallelize(
-        transformers.AutoModelForCausalLM.from_pretrained(dirs["fp32"]).eval(),
-        quant=W8A16(),
-        pad_heads=True,
-    )
-    with torch.no_grad():
-        assert torch.equal(q(ids).logits, qref(ids).logits)
+    # quantized through the padding: on load (float weight padded, then quantized), from an
+    # msmodelslim directory (stored tensors padded: zero rows, edge scales), and in memory
+    for scheme, qdir in ((W8A16(), "w8a16"), (W8A16(group_size=32), "w8a16g")):
+        qref = tl.parallelize(
+            transformers.AutoModelForCausalLM.from_pretrained(dirs["fp32"]).eval(),
+            quant=scheme,
+            pad_heads=True,
+        )
+        q = tl.load_pretrained(dirs["fp32"], quant=scheme, pad_heads=True)
+        qd = tl.load_pretrained(dirs[qdir], pad_heads=True)
+        assert qd.model.layers[0].self_attn.o_proj.scheme == scheme
+        with torch.no_grad():
+            want = qref(ids).logits
+            assert torch.equal(q(ids).logits, want)
+            torch.testing.assert_close(qd(ids).logits, want, atol=1e-5, rtol=1e-5)
     return out
 
 

@@ -10,7 +10,6 @@ so the model computes exactly what the unpadded one does.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -81,11 +80,12 @@ def set_local_counts(attn: nn.Module, q_local: int, kv_local: int) -> None:
 
 
 class _PaddedSlice:
-    """A lazy checkpoint tensor (safetensors slice / StoredTensor) seen with zeros appended
-    along ``dim`` up to ``length``; a read takes only the stored rows of its range."""
+    """A lazy checkpoint tensor (safetensors slice / StoredTensor) seen padded along ``dim``
+    up to ``length`` (``edge``: repeating the last stored entry, else zeros); a read takes only
+    the stored rows of its range."""
 
-    def __init__(self, loaded: Any, dim: int, length: int) -> None:
-        self.loaded, self.dim, self.length = loaded, dim, length
+    def __init__(self, loaded: Any, dim: int, length: int, edge: bool) -> None:
+        self.loaded, self.dim, self.length, self.edge = loaded, dim, length, edge
         self.stored = full_shape(loaded)[dim]
 
     def get_shape(self) -> list[int]:
@@ -100,46 +100,59 @@ class _PaddedSlice:
         idx = list(idx)
         sl = idx[self.dim]
         start, stop = sl.start or 0, self.length if sl.stop is None else sl.stop
+        if self.edge and start >= self.stored:  # only padding: the edge entry, repeated
+            idx[self.dim] = slice(self.stored - 1, self.stored)
+            last = self.loaded[tuple(idx)]
+            return last.expand(*[stop - start if d == self.dim else -1 for d in range(last.dim())])
         idx[self.dim] = slice(min(start, self.stored), min(stop, self.stored))
-        return pad_dim(self.loaded[tuple(idx)], self.dim, stop - start)
+        return pad_dim(self.loaded[tuple(idx)], self.dim, stop - start, self.edge)
 
 
-def pad_dim(t: torch.Tensor, dim: int, length: int) -> torch.Tensor:
-    """``t`` with zeros appended along ``dim`` up to ``length``."""
+def pad_dim(t: torch.Tensor, dim: int, length: int, edge: bool = False) -> torch.Tensor:
+    """``t`` padded along ``dim`` up to ``length``: zeros, or with ``edge`` copies of the last
+    entry (scales: any finite non-zero value works for all-zero padded weights)."""
     missing = length - t.shape[dim]
     if missing <= 0:
         return t
+    if edge:
+        last = t.narrow(dim, t.shape[dim] - 1, 1)
+        return torch.cat(
+            [t, last.expand(*[missing if d == dim else -1 for d in range(t.dim())])], dim
+        )
     shape = list(t.shape)
     shape[dim] = missing
     return torch.cat([t, t.new_zeros(shape)], dim)
 
 
 class HeadPadding:
-    """A parallel layer's ``load_into`` for checkpoint tensors without the padded heads:
-    ``pads`` = {parameter name: (dim, stored length, padded length)}. A tensor of the stored
-    length is padded with zeros (lazily for a safetensors slice / StoredTensor); one already
-    padded passes through."""
+    """A parallel layer's ``load_into`` for checkpoint tensors without the padded heads: the
+    weight's ``dim`` grows from ``stored`` to ``padded``; every tensor of the layer that runs
+    along that dim (the weight, per-row bias / scales / offsets / quant_bias of a column layer,
+    per-group scales of a row layer) is padded in proportion: scales with their last entry,
+    the rest with zeros, so the padded rows / columns are zero. Lazy for a safetensors slice
+    / StoredTensor; a tensor already padded passes through."""
 
-    def __init__(self, layer: nn.Module, pads: Mapping[str, tuple[int, int, int]]) -> None:
-        self.layer = layer
-        self.pads = dict(pads)
+    def __init__(self, layer: nn.Module, dim: int, stored: int, padded: int) -> None:
+        self.layer, self.dim, self.stored, self.padded = layer, dim, stored, padded
 
     def pad(self, name: str, loaded: Any) -> Any:
-        if name not in self.pads:
+        shape = full_shape(loaded)
+        want = self.layer.checkpoint_params()[name].spec.shape  # the padded full shape
+        d = self.dim
+        if len(shape) <= d or len(want) <= d or shape[d] == want[d] or shape[d] < 2:
             return loaded
-        dim, stored, padded = self.pads[name]
-        if full_shape(loaded)[dim] != stored:
+        if shape[d] * self.padded != want[d] * self.stored:  # not in proportion: let it fail
             return loaded
         if isinstance(loaded, torch.Tensor):
-            return pad_dim(loaded, dim, padded)
-        return _PaddedSlice(loaded, dim, padded)
+            return pad_dim(loaded, d, want[d], "scale" in name)
+        return _PaddedSlice(loaded, d, want[d], "scale" in name)
 
     def __call__(self, name: str, dest: torch.Tensor, loaded: Any, shard_id: Any = None) -> None:
         type(self.layer).load_into(self.layer, name, dest, self.pad(name, loaded), shard_id)
 
     @staticmethod
-    def install(layer: nn.Module, pads: Mapping[str, tuple[int, int, int]]) -> None:
-        layer.load_into = HeadPadding(layer, pads)
+    def install(layer: nn.Module, dim: int, stored: int, padded: int) -> None:
+        layer.load_into = HeadPadding(layer, dim, stored, padded)
 
     @staticmethod
     def pad_tensors(layer: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

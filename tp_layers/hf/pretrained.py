@@ -154,17 +154,6 @@ def _swap_meta(model: nn.Module, path: Path, tp: TPContext, quant: QuantSpec, **
             return reader.layer_scheme(name) if f"{name}.weight" in reader else None
 
         parallelize(model, tp, quant=from_description, **kw)
-    padded = [
-        n
-        for n, m in _parallel_layers(model)
-        if m.scheme.is_quantized and isinstance(m.__dict__.get("load_into"), HeadPadding)
-    ]
-    if padded:
-        raise ValueError(
-            f"pad_heads=True: {padded[0]} is {model.get_submodule(padded[0]).scheme.name} in "
-            f"{path}; its stored scales cannot be padded: pad the float checkpoint and "
-            "quantize on load (quant=...) instead"
-        )
     return True
 
 

@@ -92,7 +92,7 @@ class _Swapper:
         self.calibration = calibration
         self.modules = dict(model.named_modules())
         self.attn_local: dict[str, dict[str, int]] = {}
-        self.pads: dict[str, dict[str, tuple[int, int, int]]] = {}
+        self.pads: dict[str, tuple[int, int, int]] = {}  # name -> (dim, stored, padded)
         self.embeddings: dict[int, VocabParallelEmbedding] = {}  # id(old weight) -> new
         get_out = getattr(model, "get_output_embeddings", None)
         self.output_embedding = get_out() if callable(get_out) else None
@@ -141,9 +141,7 @@ class _Swapper:
             ("v", kv, new_kv),
             ("o", heads, new_heads),
         ):
-            dims = {"weight": 1} if slot == "o" else {"weight": 0, "bias": 0}
-            pad = {n: (d, stored * hd, padded * hd) for n, d in dims.items()}
-            self.pads[slots[slot].name] = pad
+            self.pads[slots[slot].name] = (int(slot == "o"), stored * hd, padded * hd)
         o = self.modules[slots["o"].name]
         extra = (new_heads - heads) * hd * (q.in_features + o.out_features)
         extra += 2 * (new_kv - kv) * hd * q.in_features
@@ -236,10 +234,10 @@ class _Swapper:
     def _build_linear(self, lp: LayerPlan, linear: nn.Linear) -> ParallelLinearBase:
         parent, parent_name, leaf = self._parent(lp.name)
         common = self._common(lp.name, linear.weight) | {"quant": self.resolve(lp.name)}
-        pads = self.pads.get(lp.name, {})
         n, k = linear.out_features, linear.in_features
-        n = pads["weight"][2] if pads.get("weight", (None,))[0] == 0 else n
-        k = pads["weight"][2] if pads.get("weight", (None,))[0] == 1 else k
+        if lp.name in self.pads:
+            dim, _, padded = self.pads[lp.name]
+            n, k = (padded, k) if dim == 0 else (n, padded)
         bias = linear.bias is not None
         where = f"plan entry {lp.key!r} -> {lp.style!r} ({lp.name})"
         hd = H.head_dim(parent)
@@ -302,7 +300,7 @@ class _Swapper:
     def swap(self, name: str, new: Swapped, old: nn.Module) -> None:
         """Load ``old``'s real weights into ``new`` (quantizing them) and put it in place."""
         if name in self.pads:
-            H.HeadPadding.install(new, self.pads[name])
+            H.HeadPadding.install(new, *self.pads[name])
         if old.weight.device.type != "meta":
             bias = getattr(old, "bias", None)
             scheme = getattr(new, "scheme", None)
