@@ -33,8 +33,7 @@ from torch import nn
 
 from quant.checkpoint import CheckpointReader
 from tp_layers.context import TPContext
-from tp_layers.linear import ParallelLinearBase
-from tp_layers.param import set_data
+from tp_layers.param import ShardedModule, set_data
 
 __all__ = ["CheckpointError", "LoadReport", "agree", "load_layer", "load_weights"]
 
@@ -133,7 +132,7 @@ def load_weights(
     of names that may be absent (e.g. tied ``lm_head.weight``). process: run
     ``process_weights_after_loading`` on every parallel layer afterwards.
     """
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, ParallelLinearBase)}
+    layers = {name: m for name, m in module.named_modules() if isinstance(m, ShardedModule)}
     tp = next(iter(layers.values())).tp if layers else None
     opts = (strict, list(ignore_missing), prefix, process)
     report, staged, where = agree(tp, lambda: _stage(module, layers, path, *opts))
@@ -148,7 +147,7 @@ def load_weights(
 
 def _stage(
     module: nn.Module,
-    layers: dict[str, ParallelLinearBase],
+    layers: dict[str, ShardedModule],
     path: str | os.PathLike[str],
     strict: bool,
     ignore: list[str],
@@ -169,7 +168,7 @@ def _stage(
                 args = layer.method.process_weights_after_loading(layer, dests) if process else None
                 staged.append((layer, args, dests, True))
         for owner_name, owner in module.named_modules():
-            if not isinstance(owner, ParallelLinearBase):
+            if not isinstance(owner, ShardedModule):
                 base = prefix + (owner_name + "." if owner_name else "")
                 _stage_plain(reader, owner, base, staged, consumed, missing, report)
         missing = [m for m in missing if not any(fnmatch.fnmatchcase(m, p) for p in ignore)]
@@ -235,7 +234,7 @@ def _stage_plain(
 
 def _stage_layer(
     reader: CheckpointReader,
-    layer: ParallelLinearBase,
+    layer: ShardedModule,
     base: str,
     consumed: set[str],
     missing: list[str],
@@ -270,10 +269,10 @@ def _stage_layer(
     return None if any(base + n in missing for n in dests) else dests
 
 
-def _commit(layers: dict[str, ParallelLinearBase], staged: list) -> None:
+def _commit(layers: dict[str, ShardedModule], staged: list) -> None:
     """Swap the staged tensors (and kernel arguments) in; nothing here can fail."""
     for owner, attr, t, is_param in staged:
-        if isinstance(owner, ParallelLinearBase):
+        if isinstance(owner, ShardedModule):
             owner.install(attr, t)
         elif is_param:
             set_data(owner, attr, t)
@@ -282,7 +281,7 @@ def _commit(layers: dict[str, ParallelLinearBase], staged: list) -> None:
 
 
 def load_layer(
-    layer: ParallelLinearBase,
+    layer: ShardedModule,
     tensors: Mapping[str, torch.Tensor],
     *,
     local: bool = False,
