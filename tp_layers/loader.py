@@ -123,6 +123,7 @@ def load_weights(
     ignore_missing: Iterable[str] = (),
     prefix: str = "",
     process: bool = True,
+    skip: Iterable[str] = (),
 ) -> LoadReport:
     """Load ``module``'s parameters from the safetensors directory ``path`` (atomic, on every
     rank of the layers' TP group together).
@@ -130,11 +131,20 @@ def load_weights(
     prefix: prepended to module state-dict names to get checkpoint names. strict: an unexpected
     checkpoint tensor is an error (else a warning listing them). ignore_missing: glob patterns
     of names that may be absent (e.g. tied ``lm_head.weight``). process: run
-    ``process_weights_after_loading`` on every parallel layer afterwards.
+    ``process_weights_after_loading`` on every parallel layer afterwards. skip: names of
+    parallel layers the caller loads itself (``load_layer``): their checkpoint tensors are
+    neither read nor unexpected.
     """
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, ShardedModule)}
-    tp = next(iter(layers.values())).tp if layers else None
-    opts = (strict, list(ignore_missing), prefix, process)
+    skipped = set(skip)
+    sharded = {name: m for name, m in module.named_modules() if isinstance(m, ShardedModule)}
+    if skipped - sharded.keys():
+        raise ValueError(
+            f"skip: not parallel layers of the module: {sorted(skipped - sharded.keys())}"
+        )
+    layers = {name: m for name, m in sharded.items() if name not in skipped}
+    tp = next(iter(sharded.values())).tp if sharded else None
+    owned = tuple(prefix + name + "." for name in skipped)
+    opts = (strict, list(ignore_missing), prefix, process, owned)
     report, staged, where = agree(tp, lambda: _stage(module, layers, path, *opts))
     if report.unexpected:
         warnings.warn(
@@ -153,6 +163,7 @@ def _stage(
     ignore: list[str],
     prefix: str,
     process: bool,
+    owned: tuple[str, ...],
 ) -> tuple[LoadReport, list, str]:
     """Read and check everything into staging tensors; the module is not touched."""
     reader = _open(path)
@@ -178,7 +189,8 @@ def _stage(
                 + (" ..." if len(missing) > 20 else "")
             )
         report.unexpected = sorted(
-            set(n for n in reader.names() if n.startswith(prefix)) - consumed
+            set(n for n in reader.names() if n.startswith(prefix) and not n.startswith(owned))
+            - consumed
         )
         where = ", ".join(f"{n} ({reader.info(n).file.name})" for n in report.unexpected[:20])
         if report.unexpected and strict:

@@ -5,7 +5,6 @@ unless told otherwise."""
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -165,38 +164,20 @@ def _load_quantizing(
     dtype: torch.dtype,
     calibration: CalibrationSpec,
 ) -> LoadReport:
-    """load_weights for the rest, then each quantize-on-load layer from its full float
-    weight (read once, quantized, padded and sharded by ``load_layer``)."""
-    detached: list[tuple[nn.Module, str, ParallelLinearBase]] = []
-    for name, layer in on_load.items():
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        detached.append((parent, leaf, layer))
-        setattr(parent, leaf, nn.Identity())
-    try:
-        # The detached layers' float tensors are "unexpected" to the loader: check the rest
-        # by hand so that strict still means strict.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            report = load_weights(model, path, strict=False, ignore_missing=list(tied))
-        own = {f"{n}.{s}" for n in on_load for s in ("weight", "bias")}
-        extra = [u for u in report.unexpected if u not in own]
-        if extra and strict:
-            raise CheckpointError(
-                f"{path}: unexpected tensors not used by the model: {', '.join(extra[:20])}"
-            )
-        with CheckpointReader(path) as reader, torch.no_grad():
-            for name, layer in on_load.items():
-                if f"{name}.weight" not in reader:
-                    raise CheckpointError(f"{path}: missing tensors: {name}.weight")
-                weight = reader.get_tensor(f"{name}.weight").to(dtype)
-                bias = reader.get_tensor(f"{name}.bias").to(dtype) if layer.has_bias else None
-                load_layer(
-                    layer, layer_tensors(name, weight, bias, layer.scheme, dtype, calibration)
-                )
-    finally:
-        for parent, leaf, layer in detached:
-            setattr(parent, leaf, layer)
+    """load_weights for the rest (one agreed step), then each quantize-on-load layer from its
+    full float weight (read once, quantized, padded and sharded by ``load_layer``: one agreed
+    step per layer)."""
+    report = load_weights(model, path, strict=strict, ignore_missing=list(tied), skip=on_load)
+    with CheckpointReader(path) as reader, torch.no_grad():
+        for name, layer in on_load.items():
+            names = [f"{name}.weight"] + ([f"{name}.bias"] if layer.has_bias else [])
+            absent = [n for n in names if n not in reader]
+            if absent:
+                raise CheckpointError(f"{path}: missing tensors: {', '.join(absent)}")
+            full = [reader.get_tensor(n).to(dtype) for n in names]
+            bias = full[1] if layer.has_bias else None
+            load_layer(layer, layer_tensors(name, full[0], bias, layer.scheme, dtype, calibration))
+            report.loaded += names
     return report
 
 
