@@ -110,10 +110,6 @@ class VocabParallelEmbedding(ShardedModule):
             if self._parameters.get(spec.name) is None:
                 self.add_checkpoint_param(spec)
 
-    @property
-    def where(self) -> str:
-        return self.prefix or type(self).__name__
-
     def segments(self, spec: Any, dim: int) -> list[Segment]:
         """Equal contiguous ranges of the padded vocab."""
         return [Segment.even(self.num_embeddings_padded, self.tp.rank, self.tp.size)]

@@ -4,9 +4,12 @@ The layer creates its parameters for its shard (checkpoint layout): one
 :class:`tp_layers.param.ShardedParameter` per checkpoint tensor, each with a
 ``weight_loader(param, loaded, shard_id=None)`` that takes the FULL checkpoint tensor, or a lazy
 safetensors slice, and keeps only this rank's part (tp_layers.sharding: one segment-wise rule
-for every layer). After loading, ``process_weights_after_loading`` (idempotent) installs the
-kernel arguments the scheme's method returns. The row-parallel forward calls the fused
-``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in decode (tp_layers.phase).
+for every layer; ``source_padding`` reads a checkpoint stored without the layer's zero
+padding, e.g. padded heads). After loading, ``process_weights_after_loading`` (idempotent)
+installs the kernel arguments the scheme's method returns (loading protocol:
+tp_layers.param.ShardedModule, shared with the vocab-parallel embedding). The row-parallel
+forward calls the fused ``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in
+decode (tp_layers.phase).
 """
 
 from __future__ import annotations
