@@ -124,7 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="print per-layer weight (and, with --calib activations, output) errors",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_accuracy_args(p)
     return p
+
+
+def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the accuracy tools (quant.evaluate, quant.calibration, quant.gptq)."""
+    g = p.add_argument_group("accuracy")
+    g.add_argument("--eval", metavar="TEXT_FILE", help="print float / quantized perplexity")
+    g.add_argument("--eval-window", type=int, default=512, metavar="N", help="tokens per window")
+    g.add_argument("--eval-max-windows", type=int, default=None, metavar="N", help="cap windows")
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
@@ -145,6 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         scheme = _scheme(args)
         parse_size(args.max_shard_size)
+        if args.eval:  # fail before quantizing
+            __import__("quant.evaluate").evaluate.load_text(args.eval)
         result = quantize_checkpoint(
             args.model,
             args.out,
@@ -166,4 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report:
         print(format_report(result.reports))
     print(result.summary(), file=sys.stderr)
+    if args.eval:
+        from quant.evaluate import run_eval
+
+        return run_eval(args, scheme.name, _DTYPES[args.dtype])
     return 0
