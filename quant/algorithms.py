@@ -29,6 +29,7 @@ from quant.schemes import FP, W8A8, W8A16, Scheme
 
 __all__ = [
     "ActivationRange",
+    "MSEObserver",
     "MinMaxObserver",
     "PercentileObserver",
     "QuantizedWeight",
@@ -214,6 +215,33 @@ class PercentileObserver:
         p = self.percentile / 100.0
         q = torch.quantile(self._values, torch.tensor([1.0 - p, p]))
         return ActivationRange(float(q[0]), float(q[1]))
+
+
+class MSEObserver(PercentileObserver):
+    """Clipped range of least int8 error: among ``steps`` ranges ``c * [min, max]`` (c from
+    ``min_ratio`` to 1) the one whose asymmetric int8 fake-quantization of the (subsampled)
+    values has the smallest mean squared error (a histogram / MSE search as msmodelslim's
+    activation calibration; outliers are clipped only when that pays off)."""
+
+    def __init__(self, steps: int = 50, min_ratio: float = 0.2, max_samples: int = 1 << 20):
+        super().__init__(100.0, max_samples)
+        self.steps, self.min_ratio = steps, min_ratio
+
+    def range(self) -> ActivationRange:
+        v = self._values
+        if v.numel() == 0:
+            raise ValueError("observer saw no data")
+        lo0, hi0 = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+        best, best_err = ActivationRange(lo0, hi0), float("inf")
+        for c in torch.linspace(self.min_ratio, 1.0, self.steps).tolist():
+            lo, hi = lo0 * c, hi0 * c
+            scale = max(hi - lo, 1e-30) / 255.0
+            off = round(-128.0 - lo / scale)
+            q = torch.clamp(torch.round(v / scale + off), -128, 127)
+            err = float(((q - off) * scale - v).square().mean())
+            if err < best_err:
+                best, best_err = ActivationRange(lo, hi), err
+        return best
 
 
 def activation_qparams(

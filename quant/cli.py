@@ -37,7 +37,8 @@ the default patterns {", ".join(DEFAULT_SKIP_PATTERNS)} (case-insensitive re.sea
 --skip patterns.
 
 --calib FILE (required for w8a8; optional for the others, where it adds output errors to
---report) is a safetensors file with, per linear module M (its weight name minus '.weight'):
+--report) is a plain text file or a .jsonl of prompts (tokenized with the model's tokenizer;
+--calib-samples sequences of --calib-seq-len tokens), or a safetensors file with, per linear module M (its weight name minus '.weight'):
   "M": float tensor (..., k) of sample inputs to that layer, or
   "M.input_min", "M.input_max": one-element tensors with an observed input range;
 or "input_ids" (int, batch x seq) [+ "attention_mask"] to run through the float model
@@ -82,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", help="calibration file (see below)")
     p.add_argument(
         "--observer",
-        choices=("minmax", "percentile"),
+        choices=("minmax", "percentile", "mse"),
         default="minmax",
         help="w8a8 activation range observer (default minmax)",
     )
@@ -134,6 +135,10 @@ def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval", metavar="TEXT_FILE", help="print float / quantized perplexity")
     g.add_argument("--eval-window", type=int, default=512, metavar="N", help="tokens per window")
     g.add_argument("--eval-max-windows", type=int, default=None, metavar="N", help="cap windows")
+    g.add_argument("--calib-samples", type=int, default=8, metavar="N", help="text calib sequences")
+    g.add_argument(
+        "--calib-seq-len", type=int, default=512, metavar="N", help="tokens per sequence"
+    )
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
@@ -161,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             scheme,
             calib=args.calib,
+            calib_samples=args.calib_samples,
+            calib_seq_len=args.calib_seq_len,
             skip=args.skip,
             force=args.force,
             report=args.report,

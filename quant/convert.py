@@ -190,6 +190,8 @@ def quantize_checkpoint(
     config: Scheme,
     *,
     calib: str | os.PathLike[str] | Calibration | None = None,
+    calib_samples: int = 8,
+    calib_seq_len: int = 512,
     skip: Iterable[str] = (),
     force: bool = False,
     report: bool = False,
@@ -208,7 +210,9 @@ def quantize_checkpoint(
     embeddings, norms; ``skip`` adds ``re.search`` patterns) is quantized with ``config``;
     everything else is copied as ``FLOAT``. model_dtype: dtype of the float tensors and scales
     of the output (default: each tensor's source dtype). Static W8A8 needs ``calib`` (a calib
-    file, see ``quant.calibration``, or a loaded ``Calibration``). Side files (config.json,
+    file, see ``quant.calibration``: activations, token ids, plain text or JSONL prompts, of
+    which ``calib_samples`` sequences of ``calib_seq_len`` tokens are used; or a loaded
+    ``Calibration``). observer: ``"minmax"``, ``"percentile"`` or ``"mse"``. Side files (config.json,
     tokenizer) are copied. Raises FileNotFoundError / FileExistsError / ValueError before
     writing anything when inputs are wrong; the output appears atomically or not at all.
 
@@ -289,7 +293,9 @@ def quantize_checkpoint(
         if calib is None or isinstance(calib, Calibration):
             cal = calib
         else:
-            cal = load_calibration(calib, model_dir=src)
+            cal = load_calibration(
+                calib, model_dir=src, samples=calib_samples, seq_len=calib_seq_len
+            )
         if static:
             if cal is None:
                 raise ValueError(
@@ -298,10 +304,17 @@ def quantize_checkpoint(
                 )
             missing = sorted(set(layers) - cal.modules())
             if missing:
+                held = sorted(cal.modules())
                 raise ValueError(
                     f"calib data has no inputs for {len(missing)} layer(s): "
                     + ", ".join(missing[:6])
                     + (" ..." if len(missing) > 6 else "")
+                    + f"; it holds {len(held)} entr{'y' if len(held) == 1 else 'ies'}"
+                    + (
+                        ": " + ", ".join(held[:6]) + (" ..." if len(held) > 6 else "")
+                        if held
+                        else ""
+                    )
                     + " (add them to the calib file or --skip them)"
                 )
 

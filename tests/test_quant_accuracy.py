@@ -83,3 +83,77 @@ def test_cli_eval_missing_text_fails_before_writing(tmp_path, capsys):
     rc = main(["--model", str(d), "--out", str(out), "--scheme", "w8a16", "--eval", "nope.txt"])
     assert rc == 2 and not out.exists()
     assert "nope.txt" in capsys.readouterr().err
+
+
+def _ckpt_names(d: Path) -> set[str]:
+    from quant.checkpoint import CheckpointReader
+
+    with CheckpointReader(d) as r:
+        return {n[: -len(".weight")] for n in r.names() if n.endswith("proj.weight")}
+
+
+@pytest.mark.parametrize("null_arch", [False, True])
+def test_text_calibration_records_checkpoint_names(tmp_path, null_arch):
+    from quant.calibration import load_calibration
+
+    d = make_model(tmp_path, architectures_null=null_arch)
+    p = tmp_path / "calib.txt"
+    p.write_text(TEXT)
+    cal = load_calibration(p, model_dir=d, samples=3, seq_len=16)
+    assert _ckpt_names(d) <= set(cal.activations)
+    assert cal.activations["model.layers.0.self_attn.q_proj"].shape == (48, H)
+
+
+def test_jsonl_calibration_excludes_padding(tmp_path):
+    from quant.calibration import collect_activations, load_calibration
+
+    d = make_model(tmp_path)
+    prompts = ["the quick brown fox", {"text": "the lazy dog sleeps while the fox runs far"}]
+    p = tmp_path / "calib.jsonl"
+    p.write_text("\n".join(json.dumps(x) for x in prompts))
+    cal = load_calibration(p, model_dir=d, samples=10, seq_len=64)
+    q = cal.activations["model.layers.1.mlp.down_proj"]
+    assert q.shape[0] == 4 + 9  # real tokens only
+    # the same rows as running each prompt alone, unpadded
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(d)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(d))
+    rows = []
+    for text in ("the quick brown fox", prompts[1]["text"]):
+        ids = tok(text, return_tensors="pt")["input_ids"]
+        rows.append(
+            collect_activations(model, lambda ids=ids: model(input_ids=ids))[
+                "model.layers.1.mlp.down_proj"
+            ]
+        )
+    torch.testing.assert_close(q, torch.cat(rows), rtol=1e-4, atol=1e-5)
+
+
+def test_calib_errors_name_what_the_file_holds(tmp_path):
+    from quant import W8A8, quantize_checkpoint
+    from quant.calibration import save_activations
+
+    d = make_model(tmp_path)
+    p = tmp_path / "c.safetensors"
+    save_activations(p, {"layers.0.self_attn.q_proj": torch.randn(4, H)})
+    with pytest.raises(ValueError, match=r"holds 1 entry: layers\.0\.self_attn\.q_proj"):
+        quantize_checkpoint(d, tmp_path / "o", W8A8(), calib=p)
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"text": 3}\n')
+    with pytest.raises(ValueError, match="line 1"):
+        quantize_checkpoint(d, tmp_path / "o", W8A8(), calib=bad)
+    assert not (tmp_path / "o").exists()
+
+
+def test_mse_observer_clips_outliers_when_it_pays():
+    from quant.algorithms import MinMaxObserver, MSEObserver
+
+    x = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    x[:3] = 200.0
+    mse, mm = MSEObserver(), MinMaxObserver()
+    mse.update(x)
+    mm.update(x)
+    assert mse.range().hi < mm.range().hi
+    small = torch.linspace(-1, 1, 1000)
+    o = MSEObserver()
+    o.update(small)
+    assert o.range().hi == pytest.approx(1.0, rel=0.05)
