@@ -55,6 +55,10 @@ starcoder2's c_proj, after an ungated activation) are not smoothed.
 """
 
 
+def _smooth_arg(v: str) -> float | str:
+    return "auto" if v == "auto" else float(v)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m quant",
@@ -96,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smooth",
         nargs="?",
-        type=float,
-        const=0.5,
+        type=_smooth_arg,
+        const="auto",
         default=None,
         metavar="ALPHA",
-        help="w8a8 only, needs --calib: SmoothQuant-style outlier smoothing (msmodelslim "
-        "anti-outlier) of the linears fed by a norm and of gated MLPs' down_proj; ALPHA in [0, 1] (default 0.5). Off unless "
-        "given",
+        help="w8a8 / w8a8_dynamic, needs --calib: SmoothQuant-style outlier smoothing "
+        "(msmodelslim anti-outlier) of the linears fed by a norm and of gated MLPs' down_proj; "
+        "ALPHA in [0, 1] or 'auto' (default: searched per group). Off unless given",
     )
     p.add_argument(
         "--skip",
@@ -144,8 +148,8 @@ def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
 def _scheme(args: argparse.Namespace) -> Scheme:
     if args.scheme != "w8a16" and (args.group_size or args.asymmetric):
         raise ValueError("--group-size and --asymmetric apply to --scheme w8a16 only")
-    if args.smooth is not None and args.scheme != "w8a8":
-        raise ValueError("--smooth applies to --scheme w8a8 (static) only")
+    if args.smooth is not None and args.scheme == "w8a16":
+        raise ValueError("--smooth applies to --scheme w8a8 / w8a8_dynamic only")
     if args.smooth is not None and not args.calib:
         raise ValueError("--smooth needs --calib FILE (per-channel activation maxima)")
     if args.scheme == "w8a16":

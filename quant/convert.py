@@ -32,6 +32,7 @@ from quant.smooth import (
     find_smooth_groups,
     group_act_absmax,
     scale_up_rows,
+    search_alpha,
     smooth_scales,
 )
 
@@ -71,6 +72,7 @@ class ConvertResult:
     kept_float: list[str] = field(default_factory=list)
     smoothed: list[str] = field(default_factory=list)  # norms whose output was smoothed
     smoothed_down: list[str] = field(default_factory=list)  # down_projs, inputs smoothed via up
+    alphas: dict[str, float] = field(default_factory=dict)  # smoothed norm / down -> alpha
     shards: int = 0
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
@@ -199,7 +201,7 @@ def quantize_checkpoint(
     percentile: float = 99.99,
     act_symmetric: bool = False,
     model_dtype: torch.dtype | None = None,
-    smooth: float | None = None,
+    smooth: float | str | None = None,
     max_shard_size: int | str = "2GB",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -216,8 +218,10 @@ def quantize_checkpoint(
     tokenizer) are copied. Raises FileNotFoundError / FileExistsError / ValueError before
     writing anything when inputs are wrong; the output appears atomically or not at all.
 
-    smooth: static W8A8 only, off by default. ``alpha`` in [0, 1] (0.5 is SmoothQuant's
-    default) turns on outlier smoothing (``quant.smooth``): for each norm -> linears group of a
+    smooth: W8A8 (static or dynamic) only, off by default. ``"auto"`` searches alpha per group
+    (``quant.smooth.search_alpha``: the alpha of least quantized output error of the group's
+    linears on the calib activations, msmodelslim's "flex smooth"); a number in [0, 1] (0.5
+    is SmoothQuant's default) uses that alpha everywhere. Either turns on outlier smoothing (``quant.smooth``): for each norm -> linears group of a
     known architecture (``config.json`` ``model_type``, see ``quant.smooth``) the norm's weight
     (and bias) is divided by per-channel factors computed from the calib activations (which
     must be per-channel: module activations or token ids, not only ranges) and the linears'
@@ -247,19 +251,7 @@ def quantize_checkpoint(
     skip = tuple(skip)
     static = isinstance(config, W8A8) and not config.dynamic
     if smooth is not None:
-        if not static:
-            raise ValueError(
-                f"smoothing applies to static W8A8 only (scheme {config.name}); "
-                "drop --smooth or use --scheme w8a8"
-            )
-        if isinstance(smooth, bool) or not 0.0 <= float(smooth) <= 1.0:
-            raise ValueError(f"smoothing alpha: must be a number in [0, 1], got {smooth!r}")
-        if calib is None:
-            raise ValueError(
-                "smoothing needs calibration activations: pass --calib FILE "
-                "(per-module activations or token ids)"
-            )
-
+        _check_smooth(smooth, config, calib)
     with CheckpointReader(src) as reader:
         if reader.description is not None and reader.model_quant_type != "FLOAT":
             raise ValueError(f"{src} is already quantized ({reader.model_quant_type})")
@@ -347,7 +339,7 @@ def quantize_checkpoint(
                                     writer,
                                     groups[member[name]],
                                     downs[member[name]],
-                                    float(smooth),  # type: ignore[arg-type]
+                                    smooth,  # type: ignore[arg-type]
                                     layers,
                                     config,
                                     cal,
@@ -401,6 +393,21 @@ def quantize_checkpoint(
     if log is not None:
         log(result.summary())
     return result
+
+
+def _check_smooth(smooth: float | str, config: Scheme, calib: object) -> None:
+    if not isinstance(config, W8A8):
+        raise ValueError(
+            f"smoothing applies to W8A8 (static or dynamic) only (scheme {config.name}); "
+            "drop --smooth or use --scheme w8a8 / w8a8_dynamic"
+        )
+    if smooth != "auto" and (isinstance(smooth, (bool, str)) or not 0.0 <= float(smooth) <= 1.0):
+        raise ValueError(f"smoothing alpha: must be 'auto' or a number in [0, 1], got {smooth!r}")
+    if calib is None:
+        raise ValueError(
+            "smoothing needs calibration activations: pass --calib FILE "
+            "(text, prompts, per-module activations or token ids)"
+        )
 
 
 def _convert_layer(
@@ -502,7 +509,7 @@ def _convert_group(
     writer: CheckpointWriter,
     group: SmoothGroup,
     down: DownSmoothGroup | None,
-    alpha: float,
+    alpha: float | str,
     layers: dict[str, tuple[int, int]],
     config: Scheme,
     cal: Calibration | None,
@@ -529,18 +536,27 @@ def _convert_group(
     if down is not None:
         down_acts = cal.activations[down.down]
         d_act = down_acts.reshape(-1, down_acts.shape[-1]).abs().amax(dim=0).to(torch.float32)
-        d_w = reader.get_tensor(f"{down.down}.weight").abs().amax(dim=0).to(torch.float32)
-        rows = (smooth_scales(d_act, d_w, alpha), down.up_half)
+        d_wt = reader.get_tensor(f"{down.down}.weight")
+        d_w = d_wt.abs().amax(dim=0).to(torch.float32)
+        a_d = _alpha(alpha, down_acts, [d_wt], d_act, config, observer, percentile)
+        result.alphas[down.down] = a_d
+        rows = (smooth_scales(d_act, d_w, a_d), down.up_half)
     w_max = None
+    kept: list[torch.Tensor] = []  # the group's weights, for the alpha search only
     for m in group.linears:
         w = reader.get_tensor(f"{m}.weight")
         if down is not None and m == down.up:
             assert rows is not None
             w, _ = scale_up_rows(w, None, rows[0], rows[1])
+        if alpha == "auto":
+            kept.append(w)
         col = w.abs().amax(dim=0).to(torch.float32)
         w_max = col if w_max is None else torch.maximum(w_max, col)
     assert w_max is not None
-    scales = smooth_scales(act_max, w_max, alpha)
+    a_g = _alpha(alpha, acts, kept, act_max, config, observer, percentile)
+    result.alphas[group.norm] = a_g
+    del kept
+    scales = smooth_scales(act_max, w_max, a_g)
     norm_w = reader.get_tensor(f"{group.norm}.weight")
     norm_b = reader.get_tensor(f"{group.norm}.bias") if f"{group.norm}.bias" in reader else None
     new_w, new_b, eff = apply_smoothing(norm_w, norm_b, scales, model_dtype or norm_w.dtype)
@@ -592,6 +608,24 @@ def _convert_group(
         )
     else:
         _write_float_linear(reader, writer, down.down, model_dtype, result, rows[0], None)
+
+
+def _alpha(
+    alpha: float | str,
+    acts: torch.Tensor,
+    weights: list[torch.Tensor],
+    act_max: torch.Tensor,
+    config: Scheme,
+    observer: str,
+    percentile: float,
+) -> float:
+    """``alpha`` itself, or for ``"auto"`` the searched one (``quant.smooth.search_alpha``)."""
+    if alpha != "auto":
+        return float(alpha)
+    best, _ = search_alpha(
+        acts, weights, config, act_absmax=act_max, observer=observer, percentile=percentile
+    )
+    return best
 
 
 def _write_float_linear(

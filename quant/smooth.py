@@ -31,12 +31,17 @@ per-tensor static range of each smoothed linear (``down_proj`` included) is then
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from quant.algorithms import quantize_linear
+from quant.modules import QuantLinear
+from quant.schemes import W8A8, Scheme
+
 __all__ = [
+    "ALPHA_GRID",
     "DOWN_SMOOTH_ARCHITECTURES",
     "SMOOTH_ARCHITECTURES",
     "DownSmoothGroup",
@@ -44,7 +49,9 @@ __all__ = [
     "apply_smoothing",
     "find_down_smooth_groups",
     "find_smooth_groups",
+    "quantized_output_error",
     "scale_up_rows",
+    "search_alpha",
     "smooth_scales",
 ]
 
@@ -279,3 +286,68 @@ def scale_up_rows(
         b = b.clone()
         b[first:] /= s
     return w, b
+
+
+#: alphas tried by the per-group search (``smooth="auto"``)
+ALPHA_GRID: tuple[float, ...] = tuple(i / 20 for i in range(21))
+
+
+def quantized_output_error(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    scheme: Scheme,
+    *,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """``||y_q - target||^2`` of one linear quantized with ``scheme`` (``quant.QuantLinear``,
+    the same formula as the deployed layers) on inputs x (rows, k); weight (n, k); target
+    (rows, n) float32; static W8A8 ranges are observed on x with ``observer``."""
+    from quant.calibration import make_observer
+
+    act_range = None
+    if isinstance(scheme, W8A8) and not scheme.dynamic:
+        obs = make_observer(observer, percentile)
+        obs.update(x)
+        act_range = obs.range()
+    tensors = quantize_linear(weight, None, scheme, model_dtype=dtype, act_range=act_range)
+    y = QuantLinear(scheme, tensors)(x.to(dtype)).to(torch.float32)
+    return float((y - target).square().sum())
+
+
+def search_alpha(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    scheme: Scheme,
+    *,
+    act_absmax: torch.Tensor | None = None,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    alphas: Sequence[float] = ALPHA_GRID,
+    max_rows: int = 512,
+) -> tuple[float, dict[float, float]]:
+    """The smoothing alpha (msmodelslim's "flex smooth") minimizing the quantized output error
+    of the linears ``weights`` (each (n_i, k)) that share the input x (rows, k): for each
+    alpha, s = smooth_scales(max|X|, max_i max|W_i|, alpha) and the error is
+    ``sum_i ||Q(X / s) Q(W_i * s)^T - X W_i^T||^2 / ||X W_i^T||^2``. Returns (best alpha,
+    alpha -> error). act_absmax: per-channel max|X| over all calib rows (default x's)."""
+    xs = x[:max_rows].to(torch.float32)
+    a_max = xs.abs().amax(dim=0) if act_absmax is None else act_absmax.to(torch.float32)
+    ws = [w.to(torch.float32) for w in weights]
+    w_max = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
+    targets = [xs @ w.t() for w in ws]
+    norms = [float(t.square().sum()) or 1.0 for t in targets]
+    errs: dict[float, float] = {}
+    for a in alphas:
+        s = smooth_scales(a_max, w_max, a)
+        errs[a] = sum(
+            quantized_output_error(
+                xs / s, w * s, t, scheme, observer=observer, percentile=percentile
+            )
+            / nrm
+            for w, t, nrm in zip(ws, targets, norms, strict=True)
+        )
+    best = min(errs, key=errs.__getitem__)
+    return best, errs

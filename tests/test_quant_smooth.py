@@ -378,8 +378,7 @@ def test_smooth_bad_usage(tmp_path, capsys):
         str(ranges_only),
     )
     cases = [
-        ([*base, "--scheme", "w8a16", "--smooth"], "static) only"),
-        ([*base, "--scheme", "w8a8_dynamic", "--smooth", "--calib", str(calib)], "static) only"),
+        ([*base, "--scheme", "w8a16", "--smooth"], "w8a8_dynamic only"),
         ([*base, "--scheme", "w8a8", "--smooth"], "needs --calib"),
         ([*base, "--scheme", "w8a8", "--smooth", "1.5", "--calib", str(calib)], "[0, 1]"),
         (
@@ -398,10 +397,59 @@ def test_smooth_bad_usage(tmp_path, capsys):
     assert "unsupported architecture model_type='gemma2'" in capsys.readouterr().err
     assert not out.exists()
     # Python API
-    with pytest.raises(ValueError, match="static W8A8 only"):
+    with pytest.raises(ValueError, match=r"W8A8 \(static or dynamic\) only"):
         quantize_checkpoint(d, out, W8A16(), smooth=0.5)
     with pytest.raises(ValueError, match="needs calibration activations"):
         quantize_checkpoint(d, out, W8A8(), smooth=0.5)
     with pytest.raises(ValueError, match="alpha"):
         quantize_checkpoint(d, out, W8A8(), calib=Calibration(), smooth=True)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+# ---- alpha search ("flex smooth") ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", [W8A8(), W8A8(dynamic=True)], ids=["static", "dynamic"])
+def test_search_alpha_beats_no_smoothing_and_fixed_alphas(scheme):
+    from quant.smooth import ALPHA_GRID, quantized_output_error, search_alpha
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [3, 17, 40]] *= 50.0  # outlier channels
+    ws = [torch.randn(48, 64, generator=g) * 0.05, torch.randn(32, 64, generator=g) * 0.05]
+    best, errs = search_alpha(x, ws, scheme)
+    assert set(errs) == set(ALPHA_GRID) and errs[best] == min(errs.values())
+    plain = sum(
+        quantized_output_error(x, w, x @ w.t(), scheme) / float((x @ w.t()).square().sum())
+        for w in ws
+    )
+    assert errs[best] < 0.5 * plain, (errs[best], plain)
+
+
+def test_auto_smoothing_is_no_worse_than_a_guessed_alpha(tmp_path):
+    model, d = _make_model(tmp_path, "llama", outliers=True, down_outliers=True)
+    calib = _calib(model, tmp_path)
+    ids = _ids(3)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    errs = {}
+    for alpha in ("auto", 0.5):
+        out = tmp_path / f"out-{alpha}"
+        r = quantize_checkpoint(d, out, W8A8(), calib=calib, smooth=alpha, progress=False)
+        with torch.no_grad():
+            errs[alpha] = _rel(_load_converted(model, out)(input_ids=ids).logits, ref)
+    assert set(r.alphas) >= {"model.layers.0.input_layernorm", "model.layers.1.mlp.down_proj"}
+    assert errs["auto"] <= 1.05 * errs[0.5], errs
+
+
+def test_dynamic_w8a8_smoothing_writes_float_norms(tmp_path):
+    """Dynamic W8A8 + smoothing: the norms are written FLOAT, the dequantized model stays
+    close to the float one."""
+    model, d = _make_model(tmp_path, "llama", outliers=True)
+    calib = _calib(model, tmp_path)
+    out = tmp_path / "out"
+    r = quantize_checkpoint(d, out, W8A8(dynamic=True), calib=calib, smooth="auto", progress=False)
+    assert len(r.smoothed) == 2 * LAYERS
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["model.layers.0.input_layernorm.weight"] == "FLOAT"
+    assert desc["model.layers.0.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"
