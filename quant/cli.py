@@ -50,8 +50,9 @@ s = max|X|^ALPHA / max|W|^(1-ALPHA) and multiplies the weight columns of the lin
 are written FLOAT. In gated MLPs (model_type {", ".join(sorted(DOWN_SMOOTH_ARCHITECTURES))})
 down_proj's inputs are smoothed too: up_proj's output rows divided by down_proj's factors, its
 columns multiplied (exact in float). Needs per-channel calib activations and a known
-architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj (and
-starcoder2's c_proj, after an ungated activation) are not smoothed.
+architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj is
+smoothed through v_proj's output rows (GQA-aware); starcoder2's c_proj (after an ungated
+activation) is not. Without ALPHA it is searched per group (least quantized output error).
 """
 
 

@@ -80,7 +80,7 @@ class ConvertResult:
     def summary(self) -> str:
         smooth = ""
         if self.smoothed:
-            down = f" and {len(self.smoothed_down)} down_proj" if self.smoothed_down else ""
+            down = f" and {len(self.smoothed_down)} o_proj/down_proj" if self.smoothed_down else ""
             smooth = f" (smoothed the inputs of {len(self.smoothed)} norms{down})"
         return (
             f"quantized {len(self.quantized)} layers to {self.scheme}{smooth}, kept "
@@ -461,17 +461,10 @@ def _plan_smoothing(
 ) -> tuple[list[SmoothGroup], list[DownSmoothGroup | None]]:
     """The smooth groups of the model in ``src`` and, per group, the up -> down pair whose up
     linear it contains (or None), validated (shapes, calib activations)."""
-    model_type = None
-    cfg = src / "config.json"
-    if cfg.is_file():
-        try:
-            model_type = json.loads(cfg.read_text()).get("model_type")
-        except (OSError, ValueError, AttributeError) as e:
-            raise ValueError(f"smoothing: cannot read {cfg}: {e}") from e
-    else:
-        raise ValueError(f"smoothing needs {cfg} (its model_type names the architecture)")
+    model_type, heads = _arch(src)
     groups = find_smooth_groups(model_type, reader.names())
-    by_up = {d.up: d for d in find_down_smooth_groups(model_type, reader.names())}
+    pairs = find_down_smooth_groups(model_type, reader.names(), heads)
+    by_up = {d.up: d for d in pairs}
     downs: list[DownSmoothGroup | None] = []
     for g in groups:
         ds = [by_up.pop(m) for m in g.linears if m in by_up]
@@ -480,8 +473,14 @@ def _plan_smoothing(
     for d in (d for d in downs if d is not None):
         n_up = reader.info(f"{d.up}.weight").shape[0]
         down_shape = tuple(reader.info(f"{d.down}.weight").shape)
-        if len(down_shape) != 2 or n_up != down_shape[1] * (2 if d.up_half else 1):
-            errors.append(f"{d.down}: weight {list(down_shape)} vs {d.up}'s {n_up} outputs")
+        want = (n_up // (2 if d.up_half else 1), n_up)
+        if d.heads is not None:
+            want = (d.heads[0] * d.heads[2], d.heads[1] * d.heads[2])
+        if len(down_shape) != 2 or (down_shape[1], n_up) != want:
+            errors.append(
+                f"{d.down}: weight {list(down_shape)} vs {d.up}'s {n_up} outputs"
+                + ("" if d.heads is None else f" (heads, kv heads, head_dim {d.heads})")
+            )
         if d.down not in cal.activations or cal.activations[d.down].numel() == 0:
             errors.append(
                 f"{d.down}: no calib activations (smoothing needs per-channel inputs, not "
@@ -502,6 +501,22 @@ def _plan_smoothing(
     if errors:
         raise ValueError("cannot smooth:\n  " + "\n  ".join(errors[:8]))
     return groups, downs
+
+
+def _arch(src: Path) -> tuple[str | None, tuple[int, int, int] | None]:
+    """(model_type, (attention heads, kv heads, head_dim) or None) from src/config.json."""
+    cfg = src / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"smoothing needs {cfg} (its model_type names the architecture)")
+    try:
+        c = json.loads(cfg.read_text())
+        h = c.get("num_attention_heads")
+        kv = c.get("num_key_value_heads") or h
+        hd = c.get("head_dim") or (c["hidden_size"] // h if h and c.get("hidden_size") else None)
+    except (OSError, ValueError, AttributeError, TypeError) as e:
+        raise ValueError(f"smoothing: cannot read {cfg}: {e}") from e
+    ok = all(isinstance(v, int) and v > 0 for v in (h, kv, hd)) and h % kv == 0
+    return c.get("model_type"), ((h, kv, hd) if ok else None)
 
 
 def _convert_group(
@@ -538,9 +553,10 @@ def _convert_group(
         d_act = down_acts.reshape(-1, down_acts.shape[-1]).abs().amax(dim=0).to(torch.float32)
         d_wt = reader.get_tensor(f"{down.down}.weight")
         d_w = d_wt.abs().amax(dim=0).to(torch.float32)
-        a_d = _alpha(alpha, down_acts, [d_wt], d_act, config, observer, percentile)
+        a_d = _alpha(alpha, down_acts, [d_wt], d_act, config, observer, percentile, down.factors)
         result.alphas[down.down] = a_d
-        rows = (smooth_scales(d_act, d_w, a_d), down.up_half)
+        row_s, col_s = down.factors(d_act, d_w, a_d)
+        rows = (row_s, down.up_half)
     w_max = None
     kept: list[torch.Tensor] = []  # the group's weights, for the alpha search only
     for m in group.linears:
@@ -604,10 +620,10 @@ def _convert_group(
             model_dtype,
             report,
             result,
-            smoothed=(rows[0], cal.activations[down.down]),
+            smoothed=(col_s, cal.activations[down.down]),
         )
     else:
-        _write_float_linear(reader, writer, down.down, model_dtype, result, rows[0], None)
+        _write_float_linear(reader, writer, down.down, model_dtype, result, col_s, None)
 
 
 def _alpha(
@@ -618,12 +634,20 @@ def _alpha(
     config: Scheme,
     observer: str,
     percentile: float,
+    tied: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """``alpha`` itself, or for ``"auto"`` the searched one (``quant.smooth.search_alpha``)."""
+    """``alpha`` itself, or for ``"auto"`` the searched one (``quant.smooth.search_alpha``);
+    tied: a v -> o / up -> down pair's ``factors`` (the searched layer's column factors)."""
     if alpha != "auto":
         return float(alpha)
     best, _ = search_alpha(
-        acts, weights, config, act_absmax=act_max, observer=observer, percentile=percentile
+        acts,
+        weights,
+        config,
+        act_absmax=act_max,
+        observer=observer,
+        percentile=percentile,
+        factors=None if tied is None else (lambda a, w, al: tied(a, w, al)[1]),
     )
     return best
 

@@ -10,8 +10,11 @@ into the weights with an exact re-parameterisation of the float model: for a nor
 
 so ``(X / s) @ (W_i * s)^T == X @ W_i^T``; quantization then sees the flatter ``X / s``. The
 modified norm weights are written as FLOAT tensors (what msmodelslim's anti-outlier does), so
-loaders need no change. Linears whose input does not come from a norm (``o_proj``,
-``down_proj``, ...) cannot be smoothed this way and are left as they are.
+loaders need no change. Linears whose input is produced linearly by another linear are
+smoothed through that producer's output rows instead: gated MLPs' ``down_proj`` through
+``up_proj`` and the attention's ``o_proj`` through ``v_proj`` (one factor per kv channel,
+shared by the query heads reading it: ``DownSmoothGroup.factors``). ``alpha`` is either given
+or searched per group (``search_alpha``: least quantized output error on the calib data).
 
 Which norm feeds which linears is an architecture fact, not something tensor names can prove
 (Gemma's norms multiply by ``1 + weight``, OLMo2's ``post_attention_layernorm`` is applied
@@ -31,7 +34,7 @@ per-tensor static range of each smoothed linear (``down_proj`` included) is then
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +46,7 @@ from quant.schemes import W8A8, Scheme
 __all__ = [
     "ALPHA_GRID",
     "DOWN_SMOOTH_ARCHITECTURES",
+    "O_SMOOTH_ARCHITECTURES",
     "SMOOTH_ARCHITECTURES",
     "DownSmoothGroup",
     "SmoothGroup",
@@ -117,14 +121,44 @@ DOWN_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
 }
 
 
+#: config.json ``model_type`` -> the attention's v -> o pair: o_proj's input channel
+#: ``h * head_dim + d`` is ``sum_t p[h, t] * V_t[h // (heads / kv_heads), d]`` (softmax
+#: weights times v_proj's output; HF ``repeat_kv`` repeats each kv head for consecutive query
+#: heads), linear in v_proj's row ``g * head_dim + d``: dividing that row (and its bias) by
+#: ``s[g, d]`` and multiplying o_proj's columns of every query head of kv head g by it is
+#: exact. Only separate ``v_proj`` layouts (phi3's fused qkv_proj is not listed).
+O_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
+    t: _DownRule("self_attn.v_proj", "self_attn.o_proj")
+    for t in ("llama", "mistral", "qwen2", "qwen3", "starcoder2")
+}
+
+
 @dataclass(frozen=True)
 class DownSmoothGroup:
     """A linear ``up`` whose output channels (all rows, or with ``up_half`` the second half of
-    its rows) scale ``down``'s input channels one to one (module names)."""
+    its rows) scale ``down``'s input channels (module names): one to one, or with ``heads``
+    = (query heads, kv heads, head_dim) through the GQA map of an attention (v -> o)."""
 
     up: str
     down: str
     up_half: bool = False
+    heads: tuple[int, int, int] | None = None
+
+    def factors(
+        self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row divisors of ``up``, column factors of ``down``) from down's per-input-channel
+        maxima (k_down,); with ``heads`` the factor of a kv channel is shared by the query
+        heads reading it (maxima taken over them)."""
+        if self.heads is None:
+            s = smooth_scales(act_absmax, weight_absmax, alpha)
+            return s, s
+        h, kv, hd = self.heads
+        rep = h // kv
+        a = act_absmax.reshape(kv, rep, hd).amax(dim=1).reshape(-1)
+        w = weight_absmax.reshape(kv, rep, hd).amax(dim=1).reshape(-1)
+        s = smooth_scales(a, w, alpha)
+        return s, s.reshape(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -177,11 +211,29 @@ def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[Smo
     return groups
 
 
-def find_down_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[DownSmoothGroup]:
+def find_down_smooth_groups(
+    model_type: str | None,
+    names: Iterable[str],
+    heads: tuple[int, int, int] | None = None,
+) -> list[DownSmoothGroup]:
     """The gated-MLP up -> down pairs of a checkpoint (empty for architectures without one in
-    ``DOWN_SMOOTH_ARCHITECTURES``). Raises ValueError when one of the pair is present without
-    the other (an unexpected variant)."""
-    rule = DOWN_SMOOTH_ARCHITECTURES.get(model_type or "")
+    ``DOWN_SMOOTH_ARCHITECTURES``) and, with ``heads`` (query heads, kv heads, head_dim), the
+    attention v -> o pairs (``O_SMOOTH_ARCHITECTURES``). Raises ValueError when one of a pair
+    is present without the other (an unexpected variant)."""
+    names = list(names)
+    out = _find_pairs(DOWN_SMOOTH_ARCHITECTURES.get(model_type or ""), model_type, names, None)
+    o_rule = O_SMOOTH_ARCHITECTURES.get(model_type or "")
+    if heads is not None and o_rule is not None:
+        out += _find_pairs(o_rule, model_type, names, heads)
+    return out
+
+
+def _find_pairs(
+    rule: _DownRule | None,
+    model_type: str | None,
+    names: list[str],
+    heads: tuple[int, int, int] | None,
+) -> list[DownSmoothGroup]:
     if rule is None:
         return []
     present = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
@@ -194,7 +246,7 @@ def find_down_smooth_groups(model_type: str | None, names: Iterable[str]) -> lis
     for prefix in sorted(prefixes, key=_natural):
         up, down = prefix + rule.up, prefix + rule.down
         if up in present and down in present:
-            groups.append(DownSmoothGroup(up, down, rule.up_half))
+            groups.append(DownSmoothGroup(up, down, rule.up_half, heads))
         else:
             errors.append(f"{prefix}: {rule.up} and {rule.down} not both present")
     if errors:
@@ -327,12 +379,15 @@ def search_alpha(
     percentile: float = 99.99,
     alphas: Sequence[float] = ALPHA_GRID,
     max_rows: int = 512,
+    factors: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> tuple[float, dict[float, float]]:
     """The smoothing alpha (msmodelslim's "flex smooth") minimizing the quantized output error
     of the linears ``weights`` (each (n_i, k)) that share the input x (rows, k): for each
     alpha, s = smooth_scales(max|X|, max_i max|W_i|, alpha) and the error is
     ``sum_i ||Q(X / s) Q(W_i * s)^T - X W_i^T||^2 / ||X W_i^T||^2``. Returns (best alpha,
-    alpha -> error). act_absmax: per-channel max|X| over all calib rows (default x's)."""
+    alpha -> error). act_absmax: per-channel max|X| over all calib rows (default x's).
+    factors: (max|X|, max|W|, alpha) -> s (k,) instead of ``smooth_scales`` (tied channels)."""
+    factors = factors or smooth_scales
     xs = x[:max_rows].to(torch.float32)
     a_max = xs.abs().amax(dim=0) if act_absmax is None else act_absmax.to(torch.float32)
     ws = [w.to(torch.float32) for w in weights]
@@ -341,7 +396,7 @@ def search_alpha(
     norms = [float(t.square().sum()) or 1.0 for t in targets]
     errs: dict[float, float] = {}
     for a in alphas:
-        s = smooth_scales(a_max, w_max, a)
+        s = factors(a_max, w_max, a)
         errs[a] = sum(
             quantized_output_error(
                 xs / s, w * s, t, scheme, observer=observer, percentile=percentile
