@@ -43,6 +43,7 @@ __all__ = [
     "quantize_linear",
     "quantize_weight",
     "storage_scale",
+    "weight_qparams",
 ]
 
 
@@ -100,6 +101,22 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
+def weight_qparams(
+    w: torch.Tensor, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max int8 (scale, offset) of the rows of w (..., g) float32 over its last dim, both
+    (...) in ``dtype``: symmetric ``absmax / 127``, offset 0; else ``(max - min) / 255`` over
+    the range widened to include 0 and ``offset = rint(-128 - min / scale)``."""
+    if symmetric:
+        scale = storage_scale(w.abs().amax(dim=-1) / 127.0, dtype)
+        return scale, torch.zeros_like(scale)
+    lo = w.amin(dim=-1).clamp_max(0.0)
+    hi = w.amax(dim=-1).clamp_min(0.0)
+    scale = storage_scale((hi - lo) / 255.0, dtype)
+    offset = torch.round(-128.0 - lo / scale.to(torch.float32)).clamp(-128, 127).to(dtype)
+    return scale, offset
+
+
 def quantize_weight(
     weight: torch.Tensor,
     *,
@@ -122,15 +139,7 @@ def quantize_weight(
     dt = scale_dtype or weight.dtype
     n, k = weight.shape
     w = _grouped(weight.to(torch.float32), group_size)  # (n, G, g)
-    if symmetric:
-        absmax = w.abs().amax(dim=-1)  # (n, G)
-        scale = storage_scale(absmax / 127.0, dt)
-        offset = torch.zeros_like(scale)
-    else:
-        lo = w.amin(dim=-1).clamp_max(0.0)
-        hi = w.amax(dim=-1).clamp_min(0.0)
-        scale = storage_scale((hi - lo) / 255.0, dt)
-        offset = torch.round(-128.0 - lo / scale.to(torch.float32)).clamp(-128, 127).to(dt)
+    scale, offset = weight_qparams(w, symmetric, dt)
     G = w.shape[1]
     flat = w.reshape(n * G, -1)
     q = quantize(flat, scale.reshape(-1), offset.reshape(-1), axis=0)
@@ -317,12 +326,15 @@ def quantize_linear(
     model_dtype: torch.dtype | None = None,
     act_range: ActivationRange | None = None,
     act_symmetric: bool = False,
+    qweight: QuantizedWeight | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize one ``nn.Linear`` into its checkpoint tensors (names per
     ``scheme.tensor_specs``; the keys are the suffixes after the module name).
 
     weight: (n, k) float; bias: (n,) float or None; model_dtype: dtype of the float tensors and
     scales (default: weight's). Static W8A8 needs ``act_range`` (observed input range).
+    qweight: the int8 weight already rounded by another algorithm (``quant.gptq``) with the
+    scheme's granularity and scale dtype; default min-max ``quantize_weight``.
     """
     dt = model_dtype or weight.dtype
     n, k = weight.shape
@@ -333,14 +345,14 @@ def quantize_linear(
         if bias is not None:
             out["bias"] = bias.to(dt)
     elif isinstance(scheme, W8A16):
-        qw = quantize_weight(
+        qw = qweight or quantize_weight(
             weight, group_size=scheme.group_size, symmetric=scheme.symmetric, scale_dtype=dt
         )
         out.update(weight=qw.qweight, weight_scale=qw.scale, weight_offset=qw.offset)
         if bias is not None:
             out["bias"] = bias.to(dt)
     elif isinstance(scheme, W8A8):
-        qw = quantize_weight(weight, symmetric=True, scale_dtype=dt)
+        qw = qweight or quantize_weight(weight, symmetric=True, scale_dtype=dt)
         out.update(weight=qw.qweight)
         if scheme.dynamic:
             out.update(weight_scale=qw.scale, weight_offset=qw.offset)

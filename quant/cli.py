@@ -56,6 +56,16 @@ activation) is not. Without ALPHA it is searched per group (least quantized outp
 """
 
 
+def _fallback_arg(v: str | None) -> int:
+    """``auto[:N]`` -> N (auto alone: 10% of a typical 7-linear decoder layer count, 0 off)."""
+    if v is None:
+        return 0
+    head, _, n = v.partition(":")
+    if head != "auto" or (n and not n.isdigit()):
+        raise ValueError(f"--fallback: expected auto or auto:N, got {v!r}")
+    return int(n) if n else 1
+
+
 def _smooth_arg(v: str) -> float | str:
     return "auto" if v == "auto" else float(v)
 
@@ -144,6 +154,11 @@ def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--calib-seq-len", type=int, default=512, metavar="N", help="tokens per sequence"
     )
+    g.add_argument("--gptq", action="store_true", help="GPTQ weight rounding (needs --calib)")
+    g.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="linears kept FLOAT")
+    g.add_argument(
+        "--fallback", default=None, metavar="auto[:N]", help="keep the N worst linears FLOAT"
+    )
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
@@ -173,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             calib=args.calib,
             calib_samples=args.calib_samples,
             calib_seq_len=args.calib_seq_len,
+            gptq=args.gptq,
+            exclude=args.exclude,
+            fallback=_fallback_arg(args.fallback),
             skip=args.skip,
             force=args.force,
             report=args.report,
