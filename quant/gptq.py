@@ -64,12 +64,12 @@ def gptq_quantize_weight(
     if group_size and k % group_size:
         raise ValueError(f"group_size {group_size} does not divide k = {k}")
     dt = scale_dtype or weight.dtype
-    w = weight.to(torch.float64).clone()
+    w = weight.to(torch.float32).clone()
     h = h.to(torch.float64).clone()
     dead = h.diagonal() == 0  # inputs never active: their columns do not matter
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    u = _inverse_factor(h, damp)
+    u = _inverse_factor(h, damp).to(torch.float32)
     if group_size:
         block_size = max(group_size, block_size // group_size * group_size)
         scale = torch.empty(n, k // group_size, dtype=dt)
@@ -90,8 +90,8 @@ def gptq_quantize_weight(
                 )
                 scale[:, g : g + 1], offset[:, g : g + 1] = sg, og
             col = j // group_size if group_size else 0
-            s = scale[:, col].to(torch.float64)
-            o = offset[:, col].to(torch.float64)
+            s = scale[:, col].to(torch.float32)
+            o = offset[:, col].to(torch.float32)
             qi = torch.round(wb[:, i] / s + o).clamp(-128, 127)
             q[:, j] = qi.to(torch.int8)
             e = (wb[:, i] - (qi - o) * s) / ub[i, i]

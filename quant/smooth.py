@@ -341,7 +341,7 @@ def scale_up_rows(
 
 
 #: alphas tried by the per-group search (``smooth="auto"``)
-ALPHA_GRID: tuple[float, ...] = tuple(i / 20 for i in range(21))
+ALPHA_GRID: tuple[float, ...] = tuple(i / 10 for i in range(11))
 
 
 def quantized_output_error(
