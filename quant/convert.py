@@ -29,7 +29,7 @@ from quant.convert_layer import LayerJob, convert_layer
 from quant.convert_smooth import check_smooth, convert_group, plan_smoothing
 from quant.modules import is_skipped
 from quant.report import ConvertResult, LayerReport, format_report
-from quant.schemes import W8A16, Scheme
+from quant.schemes import W8A8, W8A16, Scheme
 from quant.smooth import DownSmoothGroup, SmoothGroup
 
 __all__ = ["ConvertResult", "LayerReport", "format_report", "quantize_checkpoint"]
@@ -229,6 +229,26 @@ def _check_args(
         raise ValueError("output directory must differ from the model directory")
 
 
+def _load_dtype(reader: CheckpointReader, config: Scheme, model_dtype: torch.dtype | None) -> str:
+    """The dtype a W8A8 output must be loaded in (its kernels output float16 / bfloat16
+    only, dtype table 3): float16 for float16 scales, else bfloat16; "" for other schemes."""
+    if not isinstance(config, W8A8):
+        return ""
+    dt = model_dtype or next(
+        (reader.info(n).dtype for n in reader.names() if reader.info(n).dtype in _FLOATS), None
+    )
+    return "torch.float16" if dt == torch.float16 else "torch.bfloat16"
+
+
+def _warn_known_bad(config: Scheme, smooth: float | str | None, observer: str) -> None:
+    if isinstance(config, W8A8) and not config.dynamic and smooth is None:
+        log_.warning(
+            "static W8A8 without smoothing loses much accuracy on LLMs (per-tensor ranges of "
+            "outlier channels; SmolLM2-135M: +86%% perplexity with min-max, more with the "
+            "percentile observer): use --smooth (searched alpha), see the README quant recipe"
+        )
+
+
 def quantize_checkpoint(
     src: str | os.PathLike[str],
     dst: str | os.PathLike[str],
@@ -288,6 +308,7 @@ def quantize_checkpoint(
         check_smooth(smooth, config, calib)
     if fallback < 0:
         raise ValueError(f"fallback: must be >= 0 layers, got {fallback}")
+    _warn_known_bad(config, smooth, observer)
     kw = dict(
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
@@ -376,6 +397,7 @@ def _convert(
             assert cal is not None
             _plan_smooth(plan, reader, src, cal)
         job.result.excluded = list(plan.excluded)
+        job.result.load_dtype = _load_dtype(reader, config, kw["model_dtype"])
         bar = _Progress(len(reader.names()), kw["progress"])
         try:
             with CheckpointWriter(dst, max_shard_bytes=kw["max_shard_size"], force=force) as writer:

@@ -49,6 +49,7 @@ class ConvertResult:
     smoothed_down: list[str] = field(default_factory=list)  # down_projs, inputs smoothed via up
     alphas: dict[str, float] = field(default_factory=dict)  # smoothed norm / down -> alpha
     excluded: list[str] = field(default_factory=list)  # linears kept FLOAT by exclude/fallback
+    load_dtype: str = ""  # the dtype a loader must use, when the scheme restricts it
     shards: int = 0
     reports: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
@@ -63,6 +64,7 @@ class ConvertResult:
             f"quantized {len(self.quantized)} layers to {self.scheme}{smooth}{fallback}, kept "
             f"{len(self.kept_float)} tensors FLOAT, {self.shards} shard(s) -> {self.out_dir} "
             f"in {self.seconds:.1f}s"
+            + (f"; load it with dtype={self.load_dtype}" if self.load_dtype else "")
         )
 
 

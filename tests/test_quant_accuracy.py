@@ -157,3 +157,40 @@ def test_mse_observer_clips_outliers_when_it_pays():
     o = MSEObserver()
     o.update(small)
     assert o.range().hi == pytest.approx(1.0, rel=0.05)
+
+
+def test_group_size_error_is_one_line_per_cause(tmp_path, capsys):
+    d = make_model(tmp_path)  # k = 64 (attention, gate/up) and 128 (down_proj)
+    rc = main(
+        [
+            "--model",
+            str(d),
+            "--out",
+            str(tmp_path / "q"),
+            "--scheme",
+            "w8a16",
+            "--group-size",
+            "96",
+            "--no-progress",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if "does not divide" in ln]
+    assert len(lines) == 2, err  # k = 64 and k = 128, not one line per layer
+    assert "12 layer(s)" in err and "2 layer(s)" in err
+
+
+def test_w8a8_summary_names_the_load_dtype_and_static_warns(tmp_path, capsys, caplog):
+    d = make_model(tmp_path)  # float32
+    calib = tmp_path / "c.txt"
+    calib.write_text(TEXT)
+    argv = ["--model", str(d), "--scheme", "w8a8", "--calib", str(calib), "--no-progress"]
+    with caplog.at_level("WARNING", logger="quant.convert"):
+        assert main([*argv, "--out", str(tmp_path / "q")]) == 0
+    assert "load it with dtype=torch.bfloat16" in capsys.readouterr().err
+    assert "static W8A8 without smoothing" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="quant.convert"):
+        assert main([*argv, "--out", str(tmp_path / "q2"), "--smooth"]) == 0
+    assert "without smoothing" not in caplog.text

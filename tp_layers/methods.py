@@ -168,7 +168,8 @@ def _check_w8a8_dtype(layer: ParallelLinearBase) -> None:
     if layer.params_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(
             f"{layer.prefix or type(layer).__name__}: W8A8 output must be float16 or bfloat16 "
-            f"(dtype table 3), got params_dtype {layer.params_dtype}"
+            f"(dtype table 3), got params_dtype {layer.params_dtype}: load the model with "
+            "dtype=torch.bfloat16 (or torch.float16)"
         )
 
 
