@@ -44,23 +44,24 @@ def _recipes(n_linears: int) -> list[tuple[str, str, dict[str, Any]]]:
     from quant import W8A8, W8A16
 
     tenth = n_linears // 10
-    return [
-        ("W8A16 per-channel", "w8a16", {"config": W8A16()}),
-        ("W8A16 per-channel, GPTQ", "w8a16", {"config": W8A16(), "gptq": True}),
-        ("W8A16 group 64", "w8a16g", {"config": W8A16(group_size=64)}),
-        ("W8A16 group 64, GPTQ", "w8a16g", {"config": W8A16(group_size=64), "gptq": True}),
-        ("W8A8 dynamic", "dyn", {"config": W8A8(dynamic=True)}),
-        (
-            "W8A8 dynamic, smooth auto + GPTQ",
-            "dyn",
-            {"config": W8A8(dynamic=True), "smooth": "auto", "gptq": True},
-        ),
-        ("W8A8 static min-max", "static", {"config": W8A8()}),
+    return [  # recommended recipes first: on a loaded machine the run may be cut short
         (
             "W8A8 static, smooth auto + GPTQ",
             "static",
             {"config": W8A8(), "smooth": "auto", "gptq": True},
         ),
+        (
+            "W8A8 dynamic, smooth auto + GPTQ",
+            "dyn",
+            {"config": W8A8(dynamic=True), "smooth": "auto", "gptq": True},
+        ),
+        ("W8A16 per-channel, GPTQ", "w8a16", {"config": W8A16(), "gptq": True}),
+        ("W8A16 group 64, GPTQ", "w8a16g", {"config": W8A16(group_size=64), "gptq": True}),
+        ("W8A8 static min-max", "static", {"config": W8A8()}),
+        ("W8A8 dynamic", "dyn", {"config": W8A8(dynamic=True)}),
+        ("W8A16 per-channel", "w8a16", {"config": W8A16()}),
+        ("W8A16 group 64", "w8a16g", {"config": W8A16(group_size=64)}),
+        ("W8A8 static, smooth auto", "static", {"config": W8A8(), "smooth": "auto"}),
         (
             f"W8A8 static, smooth auto + GPTQ, fallback {tenth}",
             "static",

@@ -15,6 +15,7 @@ import torch
 from quant.checkpoint import parse_size
 from quant.convert import format_report, quantize_checkpoint
 from quant.modules import DEFAULT_SKIP_PATTERNS
+from quant.recipes import accuracy_kwargs
 from quant.schemes import W8A8, W8A16, Scheme
 from quant.smooth import DOWN_SMOOTH_ARCHITECTURES, SMOOTH_ARCHITECTURES
 
@@ -54,16 +55,6 @@ architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))})
 smoothed through v_proj's output rows (GQA-aware); starcoder2's c_proj (after an ungated
 activation) is not. Without ALPHA it is searched per group (least quantized output error).
 """
-
-
-def _fallback_arg(v: str | None) -> int:
-    """``auto[:N]`` -> N (auto alone: 10% of a typical 7-linear decoder layer count, 0 off)."""
-    if v is None:
-        return 0
-    head, _, n = v.partition(":")
-    if head != "auto" or (n and not n.isdigit()):
-        raise ValueError(f"--fallback: expected auto or auto:N, got {v!r}")
-    return int(n) if n else 1
 
 
 def _smooth_arg(v: str) -> float | str:
@@ -159,6 +150,12 @@ def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--fallback", default=None, metavar="auto[:N]", help="keep the N worst linears FLOAT"
     )
+    g.add_argument(
+        "--recipe",
+        choices=("recommended", "plain"),
+        default="recommended",
+        help="with --calib: recommended = the measured best settings per scheme (README)",
+    )
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
@@ -186,20 +183,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out,
             scheme,
             calib=args.calib,
-            calib_samples=args.calib_samples,
-            calib_seq_len=args.calib_seq_len,
-            gptq=args.gptq,
-            exclude=args.exclude,
-            fallback=_fallback_arg(args.fallback),
             skip=args.skip,
             force=args.force,
             report=args.report,
             observer=args.observer,
             percentile=args.percentile,
             model_dtype=_DTYPES[args.dtype],
-            smooth=args.smooth,
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
+            **accuracy_kwargs(args, scheme),
         )
     except (FileNotFoundError, FileExistsError, ValueError, TypeError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -244,7 +244,7 @@ def _warn_known_bad(config: Scheme, smooth: float | str | None, observer: str) -
     if isinstance(config, W8A8) and not config.dynamic and smooth is None:
         log_.warning(
             "static W8A8 without smoothing loses much accuracy on LLMs (per-tensor ranges of "
-            "outlier channels; SmolLM2-135M: +86%% perplexity with min-max, more with the "
+            "outlier channels; SmolLM2-135M: +86% perplexity with min-max, more with the "
             "percentile observer): use --smooth (searched alpha), see the README quant recipe"
         )
 
@@ -268,6 +268,7 @@ def quantize_checkpoint(
     model_dtype: torch.dtype | None = None,
     smooth: float | str | None = None,
     gptq: bool = False,
+    best_effort: Iterable[str] = (),
     max_shard_size: int | str = "2GB",
     progress: bool = True,
     log: Callable[[str], None] | None = None,
@@ -285,6 +286,9 @@ def quantize_checkpoint(
     ids, plain text or JSONL prompts, of which ``calib_samples`` sequences of ``calib_seq_len``
     tokens are used; or a loaded ``Calibration``). observer: ``"minmax"``, ``"percentile"`` or
     ``"mse"``. gptq: GPTQ weight rounding (``quant.gptq``) from each layer's calib inputs.
+    best_effort: names among ``"smooth"``, ``"gptq"`` dropped with a warning when the model
+    (architecture) or the calib data (ranges only) cannot support them, instead of raising
+    (the CLI's recommended recipe).
     Side files (config.json, tokenizer) are copied. Raises FileNotFoundError / FileExistsError
     / ValueError before writing anything when inputs are wrong; the output appears atomically
     or not at all.
@@ -308,7 +312,6 @@ def quantize_checkpoint(
         check_smooth(smooth, config, calib)
     if fallback < 0:
         raise ValueError(f"fallback: must be >= 0 layers, got {fallback}")
-    _warn_known_bad(config, smooth, observer)
     kw = dict(
         calib_samples=calib_samples,
         calib_seq_len=calib_seq_len,
@@ -318,6 +321,7 @@ def quantize_checkpoint(
         act_symmetric=act_symmetric,
         model_dtype=model_dtype,
         smooth=smooth,
+        best_effort=tuple(best_effort),
         gptq=gptq,
         max_shard_size=max_shard_size,
         progress=progress,
@@ -362,6 +366,37 @@ def _worst_layers(
     return worst
 
 
+def _plan_recipe(
+    plan: _Plan,
+    reader: CheckpointReader,
+    src: Path,
+    cal: Calibration | None,
+    job: LayerJob,
+    kw: dict,
+) -> dict:
+    """Validate GPTQ coverage and plan smoothing; with ``best_effort`` drop what cannot be
+    done (warning). Returns the settings actually used."""
+    try:
+        if kw["gptq"]:
+            _check_coverage(cal, plan.layers, "GPTQ", per_channel=True)
+    except ValueError as e:
+        if "gptq" not in kw["best_effort"]:
+            raise
+        log_.warning("recipe: no GPTQ (%s)", " ".join(str(e).split())[:300])
+        kw, job.gptq = {**kw, "gptq": False}, False
+    try:
+        if kw["smooth"] is not None:
+            assert cal is not None
+            _plan_smooth(plan, reader, src, cal)
+    except ValueError as e:
+        if "smooth" not in kw["best_effort"]:
+            raise
+        log_.warning("recipe: no smoothing (%s)", " ".join(str(e).split())[:300])
+        plan.groups, plan.downs, plan.member = [], [], {}
+        kw = {**kw, "smooth": None}
+    return kw
+
+
 def _convert(
     src: Path,
     dst: Path,
@@ -391,11 +426,8 @@ def _convert(
         )
         if job.static:
             _check_coverage(cal, plan.layers, "static W8A8", per_channel=False)
-        if kw["gptq"]:
-            _check_coverage(cal, plan.layers, "GPTQ", per_channel=True)
-        if kw["smooth"] is not None:
-            assert cal is not None
-            _plan_smooth(plan, reader, src, cal)
+        kw = _plan_recipe(plan, reader, src, cal, job, kw)
+        _warn_known_bad(config, kw["smooth"], kw["observer"])
         job.result.excluded = list(plan.excluded)
         job.result.load_dtype = _load_dtype(reader, config, kw["model_dtype"])
         bar = _Progress(len(reader.names()), kw["progress"])

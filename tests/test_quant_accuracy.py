@@ -187,10 +187,12 @@ def test_w8a8_summary_names_the_load_dtype_and_static_warns(tmp_path, capsys, ca
     calib.write_text(TEXT)
     argv = ["--model", str(d), "--scheme", "w8a8", "--calib", str(calib), "--no-progress"]
     with caplog.at_level("WARNING", logger="quant.convert"):
-        assert main([*argv, "--out", str(tmp_path / "q")]) == 0
+        assert main([*argv, "--out", str(tmp_path / "q"), "--recipe", "plain"]) == 0
     assert "load it with dtype=torch.bfloat16" in capsys.readouterr().err
     assert "static W8A8 without smoothing" in caplog.text
     caplog.clear()
     with caplog.at_level("WARNING", logger="quant.convert"):
-        assert main([*argv, "--out", str(tmp_path / "q2"), "--smooth"]) == 0
+        assert main([*argv, "--out", str(tmp_path / "q2")]) == 0  # recommended recipe
     assert "without smoothing" not in caplog.text
+    desc = json.loads((tmp_path / "q2" / "quant_model_description.json").read_text())
+    assert desc["model.layers.0.input_layernorm.weight"] == "FLOAT"  # smoothed
