@@ -1,4 +1,4 @@
-"""``python -m bench [op|kernels|overhead|loading|generation|overlap|sp|all] [--quick]``."""
+"""``python -m bench [op|kernels|overhead|loading|generation|overlap|sp|quant|all] [--quick]``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 
 from bench.common import Target, print_targets
 
-BENCHMARKS = ("op", "kernels", "overhead", "loading", "generation", "overlap", "sp")
+BENCHMARKS = ("op", "kernels", "overhead", "loading", "generation", "overlap", "sp", "quant")
 
 
 def main(argv: list[str] | None = None) -> int:

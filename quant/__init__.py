@@ -42,6 +42,7 @@ from quant.convention import (
     to_antiquant_offset,
 )
 from quant.convert import ConvertResult, LayerReport, format_report, quantize_checkpoint
+from quant.evaluate import Perplexity, evaluate_perplexity
 from quant.modules import DEFAULT_SKIP_PATTERNS, QuantLinear, is_skipped, quantize_
 from quant.schemes import FP, W8A8, W8A16, Scheme, TensorSpec, parse_scheme, scheme_from_name
 
@@ -60,6 +61,7 @@ __all__ = [
     "ConvertResult",
     "LayerReport",
     "MinMaxObserver",
+    "Perplexity",
     "PercentileObserver",
     "QuantLinear",
     "QuantizedWeight",
@@ -76,6 +78,7 @@ __all__ = [
     "dequantize_linear",
     "dequantize_weight",
     "dynamic_quant_activation",
+    "evaluate_perplexity",
     "format_report",
     "from_antiquant_offset",
     "is_skipped",

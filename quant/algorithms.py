@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActivationRange",
+    "MSEObserver",
     "MinMaxObserver",
     "PercentileObserver",
     "QuantizedWeight",
@@ -45,6 +46,7 @@ __all__ = [
     "quantize_linear",
     "quantize_weight",
     "storage_scale",
+    "weight_qparams",
 ]
 
 
@@ -102,6 +104,22 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return w.reshape(n, k // group_size, group_size)
 
 
+def weight_qparams(
+    w: torch.Tensor, symmetric: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max int8 (scale, offset) of the rows of w (..., g) float32 over its last dim, both
+    (...) in ``dtype``: symmetric ``absmax / 127``, offset 0; else ``(max - min) / 255`` over
+    the range widened to include 0 and ``offset = rint(-128 - min / scale)``."""
+    if symmetric:
+        scale = storage_scale(w.abs().amax(dim=-1) / 127.0, dtype)
+        return scale, torch.zeros_like(scale)
+    lo = w.amin(dim=-1).clamp_max(0.0)
+    hi = w.amax(dim=-1).clamp_min(0.0)
+    scale = storage_scale((hi - lo) / 255.0, dtype)
+    offset = torch.round(-128.0 - lo / scale.to(torch.float32)).clamp(-128, 127).to(dtype)
+    return scale, offset
+
+
 def quantize_weight(
     weight: torch.Tensor,
     *,
@@ -124,15 +142,7 @@ def quantize_weight(
     dt = scale_dtype or weight.dtype
     n, k = weight.shape
     w = _grouped(weight.to(torch.float32), group_size)  # (n, G, g)
-    if symmetric:
-        absmax = w.abs().amax(dim=-1)  # (n, G)
-        scale = storage_scale(absmax / 127.0, dt)
-        offset = torch.zeros_like(scale)
-    else:
-        lo = w.amin(dim=-1).clamp_max(0.0)
-        hi = w.amax(dim=-1).clamp_min(0.0)
-        scale = storage_scale((hi - lo) / 255.0, dt)
-        offset = torch.round(-128.0 - lo / scale.to(torch.float32)).clamp(-128, 127).to(dt)
+    scale, offset = weight_qparams(w, symmetric, dt)
     G = w.shape[1]
     flat = w.reshape(n * G, -1)
     q = quantize(flat, scale.reshape(-1), offset.reshape(-1), axis=0)
@@ -226,6 +236,33 @@ class PercentileObserver:
         return ActivationRange(float(q[0]), float(q[1]))
 
 
+class MSEObserver(PercentileObserver):
+    """Clipped range of least int8 error: among ``steps`` ranges ``c * [min, max]`` (c from
+    ``min_ratio`` to 1) the one whose asymmetric int8 fake-quantization of the (subsampled)
+    values has the smallest mean squared error (a histogram / MSE search as msmodelslim's
+    activation calibration; outliers are clipped only when that pays off)."""
+
+    def __init__(self, steps: int = 50, min_ratio: float = 0.2, max_samples: int = 1 << 20):
+        super().__init__(100.0, max_samples)
+        self.steps, self.min_ratio = steps, min_ratio
+
+    def range(self) -> ActivationRange:
+        v = self._values
+        if v.numel() == 0:
+            raise ValueError("observer saw no data")
+        lo0, hi0 = min(float(v.min()), 0.0), max(float(v.max()), 0.0)
+        best, best_err = ActivationRange(lo0, hi0), float("inf")
+        for c in torch.linspace(self.min_ratio, 1.0, self.steps).tolist():
+            lo, hi = lo0 * c, hi0 * c
+            scale = max(hi - lo, 1e-30) / 255.0
+            off = round(-128.0 - lo / scale)
+            q = torch.clamp(torch.round(v / scale + off), -128, 127)
+            err = float(((q - off) * scale - v).square().mean())
+            if err < best_err:
+                best, best_err = ActivationRange(lo, hi), err
+        return best
+
+
 def activation_qparams(
     rng: ActivationRange, dtype: torch.dtype, *, symmetric: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,16 +336,19 @@ def quantize_linear(
     model_dtype: torch.dtype | None = None,
     act_range: ActivationRange | None = None,
     act_symmetric: bool = False,
+    qweight: QuantizedWeight | None = None,
 ) -> dict[str, torch.Tensor]:
     """Quantize one ``nn.Linear`` into its checkpoint tensors (names per
     ``scheme.tensor_specs``; the keys are the suffixes after the module name).
 
     weight: (n, k) float; bias: (n,) float or None; model_dtype: dtype of the float tensors and
     scales (default: weight's). Static W8A8 needs ``act_range`` (observed input range).
+    qweight: the int8 weight already rounded by another algorithm (``quant.gptq``) with the
+    scheme's granularity and scale dtype; default min-max ``quantize_weight``.
     """
     dt = model_dtype or weight.dtype
     n, k = weight.shape
-    out = scheme.quantize(weight, bias, dt, act_range, act_symmetric)
+    out = scheme.quantize(weight, bias, dt, act_range, act_symmetric, qweight)
     for name, spec in scheme.spec_map(n, k, bias is not None, dt).items():
         if name in out:
             spec.check(out[name].shape, out[name].dtype)

@@ -11,10 +11,21 @@ Calib file (``--calib FILE``): one safetensors file (no pickle), any mix of, per
 or, alternatively, token ids to run through the float model (needs ``config.json`` in the
 model directory and ``transformers``):
 
-- ``"input_ids"``: int tensor (batch, seq); optional ``"attention_mask"`` of the same shape.
-  The model is loaded with ``AutoModel`` (``AutoModelForCausalLM`` when the config names a
-  causal-LM architecture) from the model directory, offline, and every nn.Linear's inputs are
-  recorded.
+- ``"input_ids"``: int tensor (batch, seq); optional ``"attention_mask"`` of the same shape
+  (positions with mask 0 are padding and enter no statistic).
+
+or text, tokenized with the model directory's tokenizer and run through the float model:
+
+- a plain text file (any name not ending in ``.safetensors`` / ``.jsonl``): tokenized as one
+  stream and cut into ``samples`` sequences of ``seq_len`` tokens;
+- a JSONL file (``.jsonl``): one prompt per line, a JSON string or an object with a
+  ``"text"``, ``"prompt"`` or ``"content"`` field; the first ``samples`` prompts, each
+  truncated to ``seq_len`` tokens, padded in batches (padding excluded).
+
+The float model is built with the class whose parameter names match the checkpoint's tensor
+names (``AutoModelForCausalLM`` for ``model.layers...`` + ``lm_head``, ``AutoModel`` for a bare
+base model), whatever ``config.json``'s ``architectures`` says (SmolLM2's is null), so the
+recorded module names are the checkpoint's.
 
 ``save_activations`` writes the first format; ``collect_activations`` records the inputs of an
 in-memory model's linear layers.
@@ -22,8 +33,10 @@ in-memory model's linear layers.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +46,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from quant.algorithms import ActivationRange, MinMaxObserver, PercentileObserver
+from quant.algorithms import ActivationRange, MinMaxObserver, MSEObserver, PercentileObserver
 
 __all__ = [
     "Calibration",
@@ -68,13 +81,40 @@ class Calibration:
         return obs.range()
 
 
-def make_observer(kind: str, percentile: float = 99.99) -> MinMaxObserver | PercentileObserver:
-    """``"minmax"`` or ``"percentile"``."""
+OBSERVERS = ("minmax", "percentile", "mse")
+
+
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True) -> Iterator[None]:
+    """Silence transformers' progress bars (model loading) inside the block."""
+    if not quiet:
+        yield
+        return
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is optional
+        yield
+        return
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
+def make_observer(
+    kind: str, percentile: float = 99.99
+) -> MinMaxObserver | PercentileObserver | MSEObserver:
+    """``"minmax"``, ``"percentile"`` or ``"mse"`` (clipped range of least int8 error)."""
     if kind == "minmax":
         return MinMaxObserver()
     if kind == "percentile":
         return PercentileObserver(percentile)
-    raise ValueError(f"observer: expected 'minmax' or 'percentile', got {kind!r}")
+    if kind == "mse":
+        return MSEObserver()
+    raise ValueError(f"observer: expected one of {', '.join(OBSERVERS)}, got {kind!r}")
 
 
 def collect_activations(
@@ -83,11 +123,14 @@ def collect_activations(
     *,
     modules: Iterable[str] | None = None,
     max_rows: int = 4096,
+    token_mask: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Record the inputs of ``model``'s nn.Linear layers while ``run()`` executes.
 
     modules: fqns to record (default: every nn.Linear). Keeps at most ``max_rows`` rows per
-    module (the first ones seen). Returns fqn -> (rows, k) float32 tensors.
+    module (the first ones seen). token_mask: (batch, seq) bool of the real (not padding)
+    tokens of the run; inputs of that leading shape keep only those rows. Returns fqn ->
+    (rows, k) float32 tensors.
     """
     wanted = None if modules is None else set(modules)
     store: dict[str, list[torch.Tensor]] = {}
@@ -99,7 +142,10 @@ def collect_activations(
             have = counts.get(fqn, 0)
             if have >= max_rows:
                 return
-            x = args[0].detach().reshape(-1, args[0].shape[-1])[: max_rows - have]
+            x = args[0].detach()
+            if token_mask is not None and x.shape[:-1] == token_mask.shape:
+                x = x[token_mask]
+            x = x.reshape(-1, x.shape[-1])[: max_rows - have]
             store.setdefault(fqn, []).append(x.to(torch.float32).cpu())
             counts[fqn] = have + x.shape[0]
 
@@ -143,19 +189,32 @@ def load_calibration(
     *,
     model_dir: str | os.PathLike[str] | None = None,
     max_rows: int = 4096,
+    samples: int = 64,
+    seq_len: int = 512,
 ) -> Calibration:
-    """Read a calib file (see the module docstring). A token-id file is run through the float
-    model in ``model_dir``. Raises FileNotFoundError / ValueError with the reason."""
+    """Read a calib file (see the module docstring). A token-id or text file is run through
+    the float model in ``model_dir`` (text: ``samples`` sequences of at most ``seq_len``
+    tokens). Raises FileNotFoundError / ValueError with the reason."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"calib file not found: {p}")
+    if samples < 1 or seq_len < 2:
+        raise ValueError(f"calib: samples must be >= 1 and seq_len >= 2, got {samples}, {seq_len}")
+    if not p.name.endswith(".safetensors"):
+        ids, mask = _tokenize_file(p, model_dir, samples, seq_len)
+        return _run_model(ids, mask, model_dir, max_rows)
     try:
         with safe_open(str(p), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     except Exception as e:  # safetensors raises its own error types
         raise ValueError(f"calib file {p} is not a readable safetensors file: {e}") from e
     if "input_ids" in tensors:
-        return _run_token_ids(tensors, model_dir, max_rows)
+        ids, mask = tensors["input_ids"], tensors.get("attention_mask")
+        if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
+            raise ValueError(f"calib file {p}: input_ids must be an int tensor (batch, seq)")
+        if mask is not None and mask.shape != ids.shape:
+            raise ValueError(f"calib file {p}: attention_mask shape differs from input_ids'")
+        return _run_model(ids.long(), mask, model_dir, max_rows)
     cal = Calibration()
     for k, v in tensors.items():
         if k.endswith(".input_min") or k.endswith(".input_max"):
@@ -179,25 +238,116 @@ def load_calibration(
     return cal
 
 
-def _run_token_ids(
-    tensors: dict[str, torch.Tensor], model_dir: str | os.PathLike[str] | None, max_rows: int
+def _tokenizer(model_dir: str | os.PathLike[str] | None) -> Any:
+    if model_dir is None:
+        raise ValueError("a text calib file needs the model directory (its tokenizer)")
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"calib: cannot load the tokenizer of {model_dir}: {e}") from e
+
+
+def _prompts(p: Path) -> list[str]:
+    """The prompts of a JSONL calib file."""
+    out: list[str] = []
+    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"calib file {p}, line {i}: not JSON ({e})") from e
+        if isinstance(row, dict):
+            row = next((row[k] for k in ("text", "prompt", "content") if k in row), None)
+        if not isinstance(row, str) or not row:
+            raise ValueError(
+                f"calib file {p}, line {i}: expected a string or an object with a "
+                "'text' / 'prompt' / 'content' string"
+            )
+        out.append(row)
+    if not out:
+        raise ValueError(f"calib file {p} holds no prompts")
+    return out
+
+
+def _tokenize_file(
+    p: Path, model_dir: str | os.PathLike[str] | None, samples: int, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) (batch, seq) of a text or JSONL calib file."""
+    tok = _tokenizer(model_dir)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"calib file {p}: not UTF-8 text nor safetensors ({e})") from e
+    if p.name.endswith(".jsonl"):
+        rows = [
+            tok(t, add_special_tokens=True)["input_ids"][:seq_len] for t in _prompts(p)[:samples]
+        ]
+    else:
+        stream = tok(text, add_special_tokens=False)["input_ids"]
+        rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)][:samples]
+    rows = [r for r in rows if len(r) >= 2]
+    if not rows:
+        raise ValueError(f"calib file {p}: no text to calibrate on")
+    longest = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros(len(rows), longest, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+    return ids, mask
+
+
+def _model_class(model_dir: Path, transformers: Any, cfg: Any) -> Any:
+    """The transformers auto class whose parameter names match the checkpoint's tensors."""
+    from quant.checkpoint import CheckpointReader
+
+    with CheckpointReader(model_dir) as reader:
+        names = set(reader.names())
+    best, best_hits = transformers.AutoModelForCausalLM, -1
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        with torch.device("meta"):
+            try:
+                keys = set(cls.from_config(cfg).state_dict())
+            except (ValueError, KeyError):
+                continue
+        hits = len(keys & names)
+        if hits > best_hits:
+            best, best_hits = cls, hits
+    return best
+
+
+def _run_model(
+    ids: torch.Tensor,
+    mask: torch.Tensor | None,
+    model_dir: str | os.PathLike[str] | None,
+    max_rows: int,
+    batch: int = 8,
 ) -> Calibration:
+    """Record every nn.Linear's inputs (padding excluded) of the float model in model_dir."""
     if model_dir is None or not (Path(model_dir) / "config.json").is_file():
-        raise ValueError("a token-id calib file needs a model directory with config.json")
+        raise ValueError("a token-id or text calib file needs a model directory with config.json")
     try:
         import transformers
     except ImportError as e:  # pragma: no cover - transformers is an optional dependency
-        raise ValueError("a token-id calib file needs the 'transformers' package") from e
-    ids = tensors["input_ids"]
-    if ids.dtype not in (torch.int32, torch.int64) or ids.dim() != 2:
-        raise ValueError("calib input_ids: must be an int tensor (batch, seq)")
+        raise ValueError("calib: token ids / text need the 'transformers' package") from e
     cfg = transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    causal = any(a.endswith("ForCausalLM") for a in (cfg.architectures or []))
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    cls = _model_class(Path(model_dir), transformers, cfg)
     model = cls.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
     model.eval()
-    mask = tensors.get("attention_mask")
-    acts = collect_activations(
-        model, lambda: model(input_ids=ids.long(), attention_mask=mask), max_rows=max_rows
-    )
+    mask = torch.ones_like(ids) if mask is None else mask.long()
+    parts: list[dict[str, torch.Tensor]] = []
+    for i in range(0, ids.shape[0], batch):
+        b_ids, b_mask = ids[i : i + batch], mask[i : i + batch]
+        parts.append(
+            collect_activations(
+                model,
+                lambda b_ids=b_ids, b_mask=b_mask: model(input_ids=b_ids, attention_mask=b_mask),
+                max_rows=max_rows,
+                token_mask=b_mask.bool(),
+            )
+        )
+    acts = {k: torch.cat([p[k] for p in parts if k in p])[:max_rows] for k in parts[0]}
     return Calibration(activations=acts)

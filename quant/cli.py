@@ -28,7 +28,9 @@ from safetensors import SafetensorError
 
 from quant.checkpoint import CheckpointWriteError, parse_size
 from quant.convert import format_report, quantize_checkpoint
+from quant.evaluate import load_text, run_eval
 from quant.modules import DEFAULT_SKIP_PATTERNS
+from quant.recipes import accuracy_kwargs
 from quant.schemes import W8A8, W8A16, Scheme
 from quant.smooth import DOWN_SMOOTH_ARCHITECTURES, SMOOTH_ARCHITECTURES
 
@@ -54,7 +56,8 @@ the default patterns {", ".join(DEFAULT_SKIP_PATTERNS)} (case-insensitive re.sea
 --skip patterns.
 
 --calib FILE (required for w8a8; optional for the others, where it adds output errors to
---report) is a safetensors file with, per linear module M (its weight name minus '.weight'):
+--report) is a plain text file or a .jsonl of prompts (tokenized with the model's tokenizer;
+--calib-samples sequences of --calib-seq-len tokens), or a safetensors file with, per linear module M (its weight name minus '.weight'):
   "M": float tensor (..., k) of sample inputs to that layer, or
   "M.input_min", "M.input_max": one-element tensors with an observed input range;
 or "input_ids" (int, batch x seq) [+ "attention_mask"] to run through the float model
@@ -66,8 +69,9 @@ s = max|X|^ALPHA / max|W|^(1-ALPHA) and multiplies the weight columns of the lin
 are written FLOAT. In gated MLPs (model_type {", ".join(sorted(DOWN_SMOOTH_ARCHITECTURES))})
 down_proj's inputs are smoothed too: up_proj's output rows divided by down_proj's factors, its
 columns multiplied (exact in float). Needs per-channel calib activations and a known
-architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj (and
-starcoder2's c_proj, after an ungated activation) are not smoothed.
+architecture (config.json model_type: {", ".join(sorted(SMOOTH_ARCHITECTURES))}). o_proj is
+smoothed through v_proj's output rows (GQA-aware); starcoder2's c_proj (after an ungated
+activation) is not. Without ALPHA it is searched per group (least quantized output error).
 """
 
 
@@ -76,6 +80,10 @@ Exit status: 0 success; 1 internal error (QUANT_DEBUG=1 shows the traceback); 2 
 or inputs; 3 the output could not be written (disk full, ...); 130 / 143 interrupted by
 SIGINT / SIGTERM. A failed run leaves the model and any earlier --out as they were.
 """
+
+
+def _smooth_arg(v: str) -> float | str:
+    return "auto" if v == "auto" else float(v)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", metavar="FILE", help="calibration file (see below)")
     p.add_argument(
         "--observer",
-        choices=("minmax", "percentile"),
+        choices=("minmax", "percentile", "mse"),
         default="minmax",
         help="w8a8 activation range observer (default minmax)",
     )
@@ -120,13 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smooth",
         nargs="?",
-        type=float,
-        const=0.5,
+        type=_smooth_arg,
+        const="auto",
         default=None,
         metavar="ALPHA",
-        help="w8a8 only, needs --calib: SmoothQuant-style outlier smoothing (msmodelslim "
-        "anti-outlier) of the linears fed by a norm and of gated MLPs' down_proj; ALPHA in [0, 1] (default 0.5). Off unless "
-        "given",
+        help="w8a8 / w8a8_dynamic, needs --calib: SmoothQuant-style outlier smoothing "
+        "(msmodelslim anti-outlier) of the linears fed by a norm and of gated MLPs' down_proj; "
+        "ALPHA in [0, 1] or 'auto' (default: searched per group). Off unless given",
     )
     p.add_argument(
         "--skip",
@@ -149,14 +157,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="print per-layer weight (and, with --calib activations, output) errors",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_accuracy_args(p)
     return p
+
+
+def _add_accuracy_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the accuracy tools (quant.evaluate, quant.calibration, quant.gptq)."""
+    g = p.add_argument_group("accuracy")
+    g.add_argument("--eval", metavar="TEXT_FILE", help="print float / quantized perplexity")
+    g.add_argument("--eval-window", type=int, default=512, metavar="N", help="tokens per window")
+    g.add_argument("--eval-max-windows", type=int, default=None, metavar="N", help="cap windows")
+    g.add_argument("--calib-samples", type=int, default=8, metavar="N", help="text calib sequences")
+    g.add_argument(
+        "--calib-seq-len", type=int, default=512, metavar="N", help="tokens per sequence"
+    )
+    g.add_argument("--gptq", action="store_true", help="GPTQ weight rounding (needs --calib)")
+    g.add_argument("--exclude", nargs="*", default=[], metavar="GLOB", help="linears kept FLOAT")
+    g.add_argument(
+        "--fallback", default=None, metavar="auto[:N]", help="keep the N worst linears FLOAT"
+    )
+    g.add_argument(
+        "--recipe",
+        choices=("recommended", "plain"),
+        default="recommended",
+        help="with --calib: recommended = the measured best settings per scheme (README)",
+    )
 
 
 def _scheme(args: argparse.Namespace) -> Scheme:
     if args.scheme != "w8a16" and (args.group_size or args.asymmetric):
         raise ValueError("--group-size and --asymmetric apply to --scheme w8a16 only")
-    if args.smooth is not None and args.scheme != "w8a8":
-        raise ValueError("--smooth applies to --scheme w8a8 (static) only")
+    if args.smooth is not None and args.scheme == "w8a16":
+        raise ValueError("--smooth applies to --scheme w8a8 / w8a8_dynamic only")
     if args.smooth is not None and not args.calib:
         raise ValueError("--smooth needs --calib FILE (per-channel activation maxima)")
     if args.scheme == "w8a16":
@@ -230,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with _Failures() as run:
         scheme = _scheme(args)
         parse_size(args.max_shard_size)
+        if args.eval:  # fail before quantizing
+            load_text(args.eval)
         result = quantize_checkpoint(
             args.model,
             args.out,
@@ -241,13 +275,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             observer=args.observer,
             percentile=args.percentile,
             model_dtype=_DTYPES[args.dtype],
-            smooth=args.smooth,
             max_shard_size=args.max_shard_size,
             progress=not args.no_progress,
+            **accuracy_kwargs(args, scheme),
         )
     if run.code != EXIT_OK:
         return run.code
     if args.report:
         print(format_report(result.reports))
     print(result.summary(), file=sys.stderr)
-    return 0
+    if not args.eval:
+        return EXIT_OK
+    with _Failures() as run:
+        return run_eval(args, scheme.name, _DTYPES[args.dtype])
+    return run.code

@@ -39,6 +39,7 @@ from ascend_ops import kernels
 from ascend_ops.quant_param import trans_quant_param
 from quant.algorithms import (
     ActivationRange,
+    QuantizedWeight,
     activation_qparams,
     compute_deq_scale,
     compute_quant_bias,
@@ -222,8 +223,10 @@ class Scheme:
         model_dtype: torch.dtype,
         act_range: ActivationRange | None = None,
         act_symmetric: bool = False,
+        qweight: QuantizedWeight | None = None,
     ) -> dict[str, torch.Tensor]:
-        """weight (n, k) / bias (n,) float -> checkpoint tensors (see quant.quantize_linear)."""
+        """weight (n, k) / bias (n,) float -> checkpoint tensors (see quant.quantize_linear);
+        qweight: the int8 weight already rounded by another algorithm (quant.gptq)."""
         raise NotImplementedError
 
     def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -302,6 +305,7 @@ class FP(Scheme):
         model_dtype: torch.dtype,
         act_range: ActivationRange | None = None,
         act_symmetric: bool = False,
+        qweight: QuantizedWeight | None = None,
     ) -> dict[str, torch.Tensor]:
         out = {"weight": weight.to(model_dtype)}
         if bias is not None:
@@ -404,9 +408,10 @@ class W8A16(Scheme):
         model_dtype: torch.dtype,
         act_range: ActivationRange | None = None,
         act_symmetric: bool = False,
+        qweight: QuantizedWeight | None = None,
     ) -> dict[str, torch.Tensor]:
 
-        qw = quantize_weight(
+        qw = qweight or quantize_weight(
             weight, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=model_dtype
         )
         out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
@@ -529,9 +534,10 @@ class W8A8(Scheme):
         model_dtype: torch.dtype,
         act_range: ActivationRange | None = None,
         act_symmetric: bool = False,
+        qweight: QuantizedWeight | None = None,
     ) -> dict[str, torch.Tensor]:
 
-        qw = quantize_weight(weight, symmetric=True, scale_dtype=model_dtype)
+        qw = qweight or quantize_weight(weight, symmetric=True, scale_dtype=model_dtype)
         out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
         if self.dynamic:
             if bias is not None:

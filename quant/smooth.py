@@ -10,8 +10,11 @@ into the weights with an exact re-parameterisation of the float model: for a nor
 
 so ``(X / s) @ (W_i * s)^T == X @ W_i^T``; quantization then sees the flatter ``X / s``. The
 modified norm weights are written as FLOAT tensors (what msmodelslim's anti-outlier does), so
-loaders need no change. Linears whose input does not come from a norm (``o_proj``,
-``down_proj``, ...) cannot be smoothed this way and are left as they are.
+loaders need no change. Linears whose input is produced linearly by another linear are
+smoothed through that producer's output rows instead: gated MLPs' ``down_proj`` through
+``up_proj`` and the attention's ``o_proj`` through ``v_proj`` (one factor per kv channel,
+shared by the query heads reading it: ``DownSmoothGroup.factors``). ``alpha`` is either given
+or searched per group (``search_alpha``: least quantized output error on the calib data).
 
 Which norm feeds which linears is an architecture fact, not something tensor names can prove
 (Gemma's norms multiply by ``1 + weight``, OLMo2's ``post_attention_layernorm`` is applied
@@ -31,20 +34,28 @@ per-tensor static range of each smoothed linear (``down_proj`` included) is then
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from quant.algorithms import quantize_linear
+from quant.modules import QuantLinear
+from quant.schemes import W8A8, Scheme
+
 __all__ = [
+    "ALPHA_GRID",
     "DOWN_SMOOTH_ARCHITECTURES",
+    "O_SMOOTH_ARCHITECTURES",
     "SMOOTH_ARCHITECTURES",
     "DownSmoothGroup",
     "SmoothGroup",
     "apply_smoothing",
     "find_down_smooth_groups",
     "find_smooth_groups",
+    "quantized_output_error",
     "scale_up_rows",
+    "search_alpha",
     "smooth_scales",
 ]
 
@@ -110,14 +121,44 @@ DOWN_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
 }
 
 
+#: config.json ``model_type`` -> the attention's v -> o pair: o_proj's input channel
+#: ``h * head_dim + d`` is ``sum_t p[h, t] * V_t[h // (heads / kv_heads), d]`` (softmax
+#: weights times v_proj's output; HF ``repeat_kv`` repeats each kv head for consecutive query
+#: heads), linear in v_proj's row ``g * head_dim + d``: dividing that row (and its bias) by
+#: ``s[g, d]`` and multiplying o_proj's columns of every query head of kv head g by it is
+#: exact. Only separate ``v_proj`` layouts (phi3's fused qkv_proj is not listed).
+O_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
+    t: _DownRule("self_attn.v_proj", "self_attn.o_proj")
+    for t in ("llama", "mistral", "qwen2", "qwen3", "starcoder2")
+}
+
+
 @dataclass(frozen=True)
 class DownSmoothGroup:
     """A linear ``up`` whose output channels (all rows, or with ``up_half`` the second half of
-    its rows) scale ``down``'s input channels one to one (module names)."""
+    its rows) scale ``down``'s input channels (module names): one to one, or with ``heads``
+    = (query heads, kv heads, head_dim) through the GQA map of an attention (v -> o)."""
 
     up: str
     down: str
     up_half: bool = False
+    heads: tuple[int, int, int] | None = None
+
+    def factors(
+        self, act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row divisors of ``up``, column factors of ``down``) from down's per-input-channel
+        maxima (k_down,); with ``heads`` the factor of a kv channel is shared by the query
+        heads reading it (maxima taken over them)."""
+        if self.heads is None:
+            s = smooth_scales(act_absmax, weight_absmax, alpha)
+            return s, s
+        h, kv, hd = self.heads
+        rep = h // kv
+        a = act_absmax.reshape(kv, rep, hd).amax(dim=1).reshape(-1)
+        w = weight_absmax.reshape(kv, rep, hd).amax(dim=1).reshape(-1)
+        s = smooth_scales(a, w, alpha)
+        return s, s.reshape(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
 
 
 @dataclass(frozen=True)
@@ -170,11 +211,29 @@ def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[Smo
     return groups
 
 
-def find_down_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[DownSmoothGroup]:
+def find_down_smooth_groups(
+    model_type: str | None,
+    names: Iterable[str],
+    heads: tuple[int, int, int] | None = None,
+) -> list[DownSmoothGroup]:
     """The gated-MLP up -> down pairs of a checkpoint (empty for architectures without one in
-    ``DOWN_SMOOTH_ARCHITECTURES``). Raises ValueError when one of the pair is present without
-    the other (an unexpected variant)."""
-    rule = DOWN_SMOOTH_ARCHITECTURES.get(model_type or "")
+    ``DOWN_SMOOTH_ARCHITECTURES``) and, with ``heads`` (query heads, kv heads, head_dim), the
+    attention v -> o pairs (``O_SMOOTH_ARCHITECTURES``). Raises ValueError when one of a pair
+    is present without the other (an unexpected variant)."""
+    names = list(names)
+    out = _find_pairs(DOWN_SMOOTH_ARCHITECTURES.get(model_type or ""), model_type, names, None)
+    o_rule = O_SMOOTH_ARCHITECTURES.get(model_type or "")
+    if heads is not None and o_rule is not None:
+        out += _find_pairs(o_rule, model_type, names, heads)
+    return out
+
+
+def _find_pairs(
+    rule: _DownRule | None,
+    model_type: str | None,
+    names: list[str],
+    heads: tuple[int, int, int] | None,
+) -> list[DownSmoothGroup]:
     if rule is None:
         return []
     present = {n[: -len(".weight")] for n in names if n.endswith(".weight")}
@@ -187,7 +246,7 @@ def find_down_smooth_groups(model_type: str | None, names: Iterable[str]) -> lis
     for prefix in sorted(prefixes, key=_natural):
         up, down = prefix + rule.up, prefix + rule.down
         if up in present and down in present:
-            groups.append(DownSmoothGroup(up, down, rule.up_half))
+            groups.append(DownSmoothGroup(up, down, rule.up_half, heads))
         else:
             errors.append(f"{prefix}: {rule.up} and {rule.down} not both present")
     if errors:
@@ -279,3 +338,71 @@ def scale_up_rows(
         b = b.clone()
         b[first:] /= s
     return w, b
+
+
+#: alphas tried by the per-group search (``smooth="auto"``)
+ALPHA_GRID: tuple[float, ...] = tuple(i / 10 for i in range(11))
+
+
+def quantized_output_error(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    scheme: Scheme,
+    *,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    dtype: torch.dtype = torch.bfloat16,
+) -> float:
+    """``||y_q - target||^2`` of one linear quantized with ``scheme`` (``quant.QuantLinear``,
+    the same formula as the deployed layers) on inputs x (rows, k); weight (n, k); target
+    (rows, n) float32; static W8A8 ranges are observed on x with ``observer``."""
+    from quant.calibration import make_observer
+
+    act_range = None
+    if isinstance(scheme, W8A8) and not scheme.dynamic:
+        obs = make_observer(observer, percentile)
+        obs.update(x)
+        act_range = obs.range()
+    tensors = quantize_linear(weight, None, scheme, model_dtype=dtype, act_range=act_range)
+    y = QuantLinear(scheme, tensors)(x.to(dtype)).to(torch.float32)
+    return float((y - target).square().sum())
+
+
+def search_alpha(
+    x: torch.Tensor,
+    weights: Sequence[torch.Tensor],
+    scheme: Scheme,
+    *,
+    act_absmax: torch.Tensor | None = None,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    alphas: Sequence[float] = ALPHA_GRID,
+    max_rows: int = 512,
+    factors: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
+) -> tuple[float, dict[float, float]]:
+    """The smoothing alpha (msmodelslim's "flex smooth") minimizing the quantized output error
+    of the linears ``weights`` (each (n_i, k)) that share the input x (rows, k): for each
+    alpha, s = smooth_scales(max|X|, max_i max|W_i|, alpha) and the error is
+    ``sum_i ||Q(X / s) Q(W_i * s)^T - X W_i^T||^2 / ||X W_i^T||^2``. Returns (best alpha,
+    alpha -> error). act_absmax: per-channel max|X| over all calib rows (default x's).
+    factors: (max|X|, max|W|, alpha) -> s (k,) instead of ``smooth_scales`` (tied channels)."""
+    factors = factors or smooth_scales
+    xs = x[:max_rows].to(torch.float32)
+    a_max = xs.abs().amax(dim=0) if act_absmax is None else act_absmax.to(torch.float32)
+    ws = [w.to(torch.float32) for w in weights]
+    w_max = torch.stack([w.abs().amax(dim=0) for w in ws]).amax(dim=0)
+    targets = [xs @ w.t() for w in ws]
+    norms = [float(t.square().sum()) or 1.0 for t in targets]
+    errs: dict[float, float] = {}
+    for a in alphas:
+        s = factors(a_max, w_max, a)
+        errs[a] = sum(
+            quantized_output_error(
+                xs / s, w * s, t, scheme, observer=observer, percentile=percentile
+            )
+            / nrm
+            for w, t, nrm in zip(ws, targets, norms, strict=True)
+        )
+    best = min(errs, key=errs.__getitem__)
+    return best, errs

@@ -7,6 +7,7 @@ linears as ``quant.QuantLinear``) and compared with the float model.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from quant.checkpoint import DESCRIPTION_FILE
 from quant.cli import main
 from quant.smooth import (
     DOWN_SMOOTH_ARCHITECTURES,
+    O_SMOOTH_ARCHITECTURES,
     SMOOTH_ARCHITECTURES,
     DownSmoothGroup,
     SmoothGroup,
@@ -216,18 +218,31 @@ def test_smoothing_is_exact_in_float(tmp_path, arch):
     orig = model.state_dict()
     norm = "model.layers.1.post_attention_layernorm.weight"
     assert not torch.equal(tensors[norm], orig[norm])  # really smoothed
+    downs = [d for d in res.smoothed_down if "o_proj" not in d]
     if arch in DOWN_SMOOTH_ARCHITECTURES:
-        assert res.smoothed_down == [f"model.layers.{i}.mlp.down_proj" for i in range(LAYERS)]
+        assert downs == [f"model.layers.{i}.mlp.down_proj" for i in range(LAYERS)]
         down = "model.layers.1.mlp.down_proj.weight"
         s = tensors[down] / orig[down]  # column factors, the same in every row
         torch.testing.assert_close(s, s[:1].expand_as(s))
         assert float((s[0] - 1).abs().max()) > 0.1  # really smoothed
     else:
-        assert res.smoothed_down == []
+        assert downs == []
         c_proj = "model.layers.1.mlp.c_proj.weight"
         assert torch.equal(tensors[c_proj], orig[c_proj])
     m = _load_converted(model, out)
-    m.model.layers[0].self_attn.o_proj = model.model.layers[0].self_attn.o_proj  # float back
+    o_float = copy.deepcopy(model.model.layers[0].self_attn.o_proj)  # float back
+    if arch in O_SMOOTH_ARCHITECTURES:
+        assert "model.layers.0.self_attn.o_proj" in res.smoothed_down
+        # o_proj's column factors, re-derived from v_proj's stored rows with the GQA map
+        pre = "model.layers.0.self_attn."
+        s_norm = (tensors[pre + "q_proj.weight"] / orig[pre + "q_proj.weight"])[0]
+        r = (orig[pre + "v_proj.weight"] * s_norm / tensors[pre + "v_proj.weight"])[:, 0]
+        hd = H // 4
+        col = r.reshape(2, 1, hd).expand(2, 2, hd).reshape(-1)
+        assert float((col - 1).abs().max()) > 0.1  # really smoothed
+        with torch.no_grad():
+            o_float.weight.mul_(col)
+    m.model.layers[0].self_attn.o_proj = o_float
     ids = _ids(2)
     with torch.no_grad():
         ref, got = model(input_ids=ids).logits, m(input_ids=ids).logits
@@ -327,7 +342,7 @@ def test_smoothed_ranges_are_observed_on_smoothed_inputs(tmp_path):
     q = "model.layers.0.self_attn.q_proj.input_scale"
     assert float(ts[q]) < 0.5 * float(tp[q])
     o = "model.layers.0.self_attn.o_proj.input_scale"
-    assert torch.equal(ts[o], tp[o])  # not smoothed
+    assert not torch.equal(ts[o], tp[o])  # smoothed through v_proj
     # X / s from the stored norm: the smoothed norm's output range, computed directly
     acts = load_file(str(calib))["model.layers.0.self_attn.q_proj"]
     w0 = model.state_dict()["model.layers.0.input_layernorm.weight"]
@@ -347,7 +362,7 @@ def test_cli_smooth_end_to_end(tmp_path, capsys):
     argv = ["--model", str(d), "--out", str(out), "--scheme", "w8a8", "--calib", str(calib)]
     assert main(["--no-progress", *argv, "--smooth", "--report"]) == 0
     captured = capsys.readouterr()
-    assert "smoothed the inputs of 4 norms and 2 down_proj" in captured.err
+    assert "smoothed the inputs of 4 norms and 4 o_proj/down_proj" in captured.err
     assert "model.layers.1.mlp.gate_proj" in captured.out  # the report
     desc = json.loads((out / DESCRIPTION_FILE).read_text())
     assert desc["model_quant_type"] == "W8A8"
@@ -378,8 +393,7 @@ def test_smooth_bad_usage(tmp_path, capsys):
         str(ranges_only),
     )
     cases = [
-        ([*base, "--scheme", "w8a16", "--smooth"], "static) only"),
-        ([*base, "--scheme", "w8a8_dynamic", "--smooth", "--calib", str(calib)], "static) only"),
+        ([*base, "--scheme", "w8a16", "--smooth"], "w8a8_dynamic only"),
         ([*base, "--scheme", "w8a8", "--smooth"], "needs --calib"),
         ([*base, "--scheme", "w8a8", "--smooth", "1.5", "--calib", str(calib)], "[0, 1]"),
         (
@@ -398,10 +412,59 @@ def test_smooth_bad_usage(tmp_path, capsys):
     assert "unsupported architecture model_type='gemma2'" in capsys.readouterr().err
     assert not out.exists()
     # Python API
-    with pytest.raises(ValueError, match="static W8A8 only"):
+    with pytest.raises(ValueError, match=r"W8A8 \(static or dynamic\) only"):
         quantize_checkpoint(d, out, W8A16(), smooth=0.5)
     with pytest.raises(ValueError, match="needs calibration activations"):
         quantize_checkpoint(d, out, W8A8(), smooth=0.5)
     with pytest.raises(ValueError, match="alpha"):
         quantize_checkpoint(d, out, W8A8(), calib=Calibration(), smooth=True)  # type: ignore[arg-type]
     assert not out.exists()
+
+
+# ---- alpha search ("flex smooth") ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", [W8A8(), W8A8(dynamic=True)], ids=["static", "dynamic"])
+def test_search_alpha_beats_no_smoothing_and_fixed_alphas(scheme):
+    from quant.smooth import ALPHA_GRID, quantized_output_error, search_alpha
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 64, generator=g)
+    x[:, [3, 17, 40]] *= 50.0  # outlier channels
+    ws = [torch.randn(48, 64, generator=g) * 0.05, torch.randn(32, 64, generator=g) * 0.05]
+    best, errs = search_alpha(x, ws, scheme)
+    assert set(errs) == set(ALPHA_GRID) and errs[best] == min(errs.values())
+    plain = sum(
+        quantized_output_error(x, w, x @ w.t(), scheme) / float((x @ w.t()).square().sum())
+        for w in ws
+    )
+    assert errs[best] < 0.5 * plain, (errs[best], plain)
+
+
+def test_auto_smoothing_is_no_worse_than_a_guessed_alpha(tmp_path):
+    model, d = _make_model(tmp_path, "llama", outliers=True, down_outliers=True)
+    calib = _calib(model, tmp_path)
+    ids = _ids(3)
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+    errs = {}
+    for alpha in ("auto", 0.5):
+        out = tmp_path / f"out-{alpha}"
+        r = quantize_checkpoint(d, out, W8A8(), calib=calib, smooth=alpha, progress=False)
+        with torch.no_grad():
+            errs[alpha] = _rel(_load_converted(model, out)(input_ids=ids).logits, ref)
+    assert set(r.alphas) >= {"model.layers.0.input_layernorm", "model.layers.1.mlp.down_proj"}
+    assert errs["auto"] <= 1.05 * errs[0.5], errs
+
+
+def test_dynamic_w8a8_smoothing_writes_float_norms(tmp_path):
+    """Dynamic W8A8 + smoothing: the norms are written FLOAT, the dequantized model stays
+    close to the float one."""
+    model, d = _make_model(tmp_path, "llama", outliers=True)
+    calib = _calib(model, tmp_path)
+    out = tmp_path / "out"
+    r = quantize_checkpoint(d, out, W8A8(dynamic=True), calib=calib, smooth="auto", progress=False)
+    assert len(r.smoothed) == 2 * LAYERS
+    desc = json.loads((out / DESCRIPTION_FILE).read_text())
+    assert desc["model.layers.0.input_layernorm.weight"] == "FLOAT"
+    assert desc["model.layers.0.self_attn.q_proj.weight"] == "W8A8_DYNAMIC"

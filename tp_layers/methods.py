@@ -155,7 +155,8 @@ class W8A8Method(LinearMethod):
         if layer.params_dtype not in (torch.float16, torch.bfloat16):
             raise ValueError(
                 f"{layer.where}: W8A8 output must be float16 or bfloat16 "
-                f"(dtype table 3), got params_dtype {layer.params_dtype}"
+                f"(dtype table 3), got params_dtype {layer.params_dtype}: load the model with "
+                "dtype=torch.bfloat16 (or torch.float16)"
             )
         super().create_weights(layer)
 
