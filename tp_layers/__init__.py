@@ -26,6 +26,7 @@ from tp_layers.phase import (
     prefill_threshold,
     set_prefill_threshold,
 )
+from tp_layers.sequence import gather_tokens, reduce_scatter_tokens, split_tokens, token_shard
 
 __all__ = [
     "CheckpointError",
@@ -40,6 +41,7 @@ __all__ = [
     "RowParallelLinear",
     "TPContext",
     "current_phase",
+    "gather_tokens",
     "get_tp",
     "infer_phase",
     "init_tp",
@@ -49,8 +51,11 @@ __all__ = [
     "path_counts",
     "phase",
     "prefill_threshold",
+    "reduce_scatter_tokens",
     "reset_path_counts",
     "set_prefill_threshold",
+    "split_tokens",
+    "token_shard",
 ]
 
 # The transformers adapter (tp_layers.hf) imports transformers: exported lazily, so that
