@@ -351,9 +351,6 @@ class ColumnParallelLinear(ParallelLinearBase):
     ) -> None:
         self.gather_output = bool(gather_output)
         self.output_sizes = list(output_sizes) if output_sizes is not None else [int(output_size)]
-        if self.gather_output and kwargs.get("sequence_parallel"):
-            where = kwargs.get("prefix") or type(self).__name__
-            raise ValueError(f"{where}: gather_output and sequence_parallel are exclusive")
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
     def _column_segments(self) -> list[Segment]:
@@ -382,8 +379,9 @@ class ColumnParallelLinear(ParallelLinearBase):
         self._check_input(x, self.input_size, "input_size")
         bias = None if self.skip_bias_add else self.bias
         if self.sequence_parallel:
-            return self._output(self._sp_forward(x, bias, num_tokens))
-        y = self.method.apply(self, x, bias)
+            y = self._sp_forward(x, bias, num_tokens)
+        else:
+            y = self.method.apply(self, x, bias)
         if self.gather_output if gather is None else gather:
             y = gather_last_dim(y, self.tp)
         return self._output(y)
