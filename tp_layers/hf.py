@@ -349,7 +349,9 @@ class _Swapper:
         tp: TPContext,
         resolve: Callable[[str], Scheme | None],
         calibration: CalibrationSpec,
+        sequence_parallel: bool = False,
     ) -> None:
+        self.sequence_parallel = sequence_parallel
         self.model = model
         self.tp = tp
         self.resolve = resolve
@@ -405,7 +407,10 @@ class _Swapper:
         parallel_in = _ROW_STYLES[lp.style]
         if hd is not None and parallel_in and k % hd == 0 and (k // hd) % tp:
             raise ValueError(f"{where}: {k // hd} heads of size {hd} do not split over TP {tp}")
-        return RowParallelLinear(k, n, bias=bias, input_is_parallel=parallel_in, **common)
+        sp = self.sequence_parallel and parallel_in  # others are refused by hf_sp
+        return RowParallelLinear(
+            k, n, bias=bias, input_is_parallel=parallel_in, sequence_parallel=sp, **common
+        )
 
     def _note(self, attn: str, kind: str, heads: int) -> None:
         self.attn_local.setdefault(attn, {})[kind] = heads
@@ -463,6 +468,7 @@ def parallelize(
     quant: QuantSpec = None,
     *,
     calibration: CalibrationSpec = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` layers for tensor-parallel ones, in place; returns it.
 
@@ -479,10 +485,15 @@ def parallelize(
     A layer whose ``nn.Linear`` has real weights gets them now (quantized per its scheme; each
     rank keeps its shard); one on the meta device becomes a parallel layer on meta, to be
     loaded with ``tp_layers.load_weights`` (``load_pretrained`` does both).
+
+    sequence_parallel: token-sharded hidden states between the decoder layers (norms and
+    residual adds on tokens / tp; fused all-gather + matmul and matmul + reduce-scatter), for
+    Llama / Qwen2-style decoder models (tp_layers.hf_sp); off at TP 1.
     """
     tp = tp if tp is not None else get_tp()
     resolve, ask_all = _quant_resolver(quant)
-    swapper = _Swapper(model, tp, resolve, calibration)
+    sequence_parallel = bool(sequence_parallel) and tp.size > 1
+    swapper = _Swapper(model, tp, resolve, calibration, sequence_parallel)
     plans = resolve_plan(model, plan)
     built: list[tuple[str, ParallelLinearBase, nn.Linear]] = []
     planned: set[str] = set()
@@ -520,9 +531,16 @@ def parallelize(
             )
             built.append((name, layer, mod))
     # Everything is built (and validated) before the model is touched.
+    if sequence_parallel:
+        from tp_layers.hf_sp import check_sequence_parallel, install_sequence_parallel
+
+        planned_layers = [(n, layer) for n, layer, _ in built if n in planned]
+        check_sequence_parallel(model, planned_layers)
     for name, layer, old in built:
         swapper.swap(name, layer, old)
     swapper.fix_attention()
+    if sequence_parallel:
+        install_sequence_parallel(model, tp, planned_layers)
     return model
 
 
@@ -628,6 +646,7 @@ def load_pretrained(
     *,
     plan: Mapping[str, str] | None = None,
     calibration: CalibrationSpec = None,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Build a causal LM from ``model_dir``'s config.json on the meta device, swap its layers
     (``parallelize``), and load only this rank's shards (``tp_layers.load_weights``).
@@ -639,7 +658,8 @@ def load_pretrained(
     quantized layer's full float weight is read once, quantized, and only this rank's shard
     kept; static W8A8 needs ``calibration``). dtype: the model's float dtype. strict: unexpected
     checkpoint tensors are an error (else a warning). Tied weights (lm_head = embed_tokens)
-    are re-tied, and non-persistent buffers (rotary ``inv_freq``) recomputed. Returns the
+    are re-tied, and non-persistent buffers (rotary ``inv_freq``) recomputed.
+    sequence_parallel: as for ``parallelize``. Returns the
     model in eval mode; its ``tp_load_report`` is the loader's LoadReport.
     """
     path = Path(model_dir)
@@ -661,10 +681,12 @@ def load_pretrained(
                 return desc_reader.layer_scheme(name)
 
             model = _build_meta(config, dtype)
-            parallelize(model, tp, plan, quant=from_description)
+            parallelize(
+                model, tp, plan, quant=from_description, sequence_parallel=sequence_parallel
+            )
     else:
         model = _build_meta(config, dtype)
-        parallelize(model, tp, plan, quant=quant)
+        parallelize(model, tp, plan, quant=quant, sequence_parallel=sequence_parallel)
     tied = _tied_keys(model)
     # Float directory + quantized layers: quantize on load, from the full float weights.
     on_load = (

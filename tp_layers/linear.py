@@ -312,14 +312,14 @@ class ParallelLinearBase(nn.Module):
     def _output(self, y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         return (y, self.bias) if self.skip_bias_add else y
 
-    def _sp_path(self, op: str, x: torch.Tensor, tokens: int) -> str:
+    def _sp_path(self, op: str, x: torch.Tensor, tokens: int, allow: bool = True) -> str:
         """Sequence-parallel path: "local" (TP 1), else ``op`` ("ag" / "rs") + "_fused" in
         prefill (explicit phase, or ``tokens`` >= prefill_threshold()) when the scheme and k
-        suit the SP kernels (G3 / G6), + "_unfused" otherwise."""
+        suit the SP kernels (G3 / G6) and ``allow``, + "_unfused" otherwise."""
         if self.tp.size == 1:
             return count_path("local")
         ph = current_phase() or (Phase.PREFILL if tokens >= prefill_threshold() else Phase.DECODE)
-        fused = ph is Phase.PREFILL and self.method.sp_fusable()
+        fused = allow and ph is Phase.PREFILL and self.method.sp_fusable()
         fused = fused and SP_K_MIN <= x.shape[-1] < SP_K_MAX
         return count_path(f"{op}_{'fused' if fused else 'unfused'}")
 
@@ -351,6 +351,7 @@ class ColumnParallelLinear(ParallelLinearBase):
     ) -> None:
         self.gather_output = bool(gather_output)
         self.output_sizes = list(output_sizes) if output_sizes is not None else [int(output_size)]
+        self.sp_entry: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
     def _column_segments(self) -> list[Segment]:
@@ -378,24 +379,53 @@ class ColumnParallelLinear(ParallelLinearBase):
         self._ensure_processed()
         self._check_input(x, self.input_size, "input_size")
         bias = None if self.skip_bias_add else self.bias
-        if self.sequence_parallel:
-            y = self._sp_forward(x, bias, num_tokens)
+        entry, self.sp_entry = self.sp_entry, None
+        if entry is not None and x is entry[0]:  # computed by forward_sp_entry
+            y = entry[1]
+        elif self.sequence_parallel:
+            y = self._sp_forward(x, bias, num_tokens)[0]
         else:
             y = self.method.apply(self, x, bias)
         if self.gather_output if gather is None else gather:
             y = gather_last_dim(y, self.tp)
         return self._output(y)
 
+    def forward_sp_entry(
+        self, x: torch.Tensor, num_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry of a sequence-parallel region whose other column layers take the gathered
+        input (Hugging Face attention / MLP): x this rank's token shard -> (gathered input
+        (m, ..., input_size), this layer's output for it), one fused all_gather_base_mm with
+        gather_output in FP. The next ``forward`` of exactly that gathered tensor returns the
+        output without recomputing it."""
+        self._ensure_processed()
+        self._check_input(x, self.input_size, "input_size")
+        bias = None if self.skip_bias_add else self.bias
+        y, full = self._sp_forward(x, bias, num_tokens, not self.scheme.is_quantized)
+        self.sp_entry = (full, y)
+        return full, y
+
     def _sp_forward(
-        self, x: torch.Tensor, bias: torch.Tensor | None, num_tokens: int | None
-    ) -> torch.Tensor:
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        num_tokens: int | None,
+        gather_input: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output for all m tokens, gathered input or None); ``gather_input`` None: not
+        wanted, False: wanted but not from the kernel (its x1 is int8)."""
         m = seq.num_tokens_of(x, self.tp, num_tokens, self.where)
-        path = self._sp_path("ag", x, x.numel() // x.shape[-1] * self.tp.size)
+        tokens = x.numel() // x.shape[-1] * self.tp.size
+        path = self._sp_path("ag", x, tokens, gather_input is not False)
         if path != "ag_fused":  # gather (no-op at TP 1), then the scheme's matmul + bias
-            return self.method.apply(self, seq.gather_tokens(x, self.tp, m), bias)
+            full = seq.gather_tokens(x, self.tp, m)
+            return self.method.apply(self, full, bias), full
         xp = seq.pad_tokens(x, -(-m // self.tp.size))
-        y = self.method.apply_all_gather(self, xp, self.tp.hcom, self.tp.size)
-        return _add(y.narrow(0, 0, m), bias)  # the kernel refuses a bias (G5)
+        y, full = self.method.apply_all_gather(
+            self, xp, self.tp.hcom, self.tp.size, gather_input=bool(gather_input)
+        )
+        full = None if full is None else full.narrow(0, 0, m)
+        return _add(y.narrow(0, 0, m), bias), full  # the kernel refuses a bias (G5)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):

@@ -141,15 +141,25 @@ class LinearMethod:
         raise NotImplementedError(f"{layer.where}: {self.scheme.name} has no fused SP kernel")
 
     def apply_all_gather(
-        self, layer: LinearLayer, x: torch.Tensor, hcom: str, world_size: int
-    ) -> torch.Tensor:
+        self,
+        layer: LinearLayer,
+        x: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        gather_input: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``allgather(x) @ W`` in one ``all_gather_base_mm``: x (rows, ..., k) this rank's
-        (padded) tokens -> (rows * world_size, ..., n_local), ranks' rows in rank order."""
+        (padded) tokens -> (rows * world_size, ..., n_local), ranks' rows in rank order, and
+        with ``gather_input`` the kernel's gathered x1 (rows * world_size, ..., k) (the
+        activation itself in FP; int8 when quantized), else None."""
         x1, kw = self.sp_inputs(layer, x.reshape(-1, x.shape[-1]))
-        y, _ = ascend_ops.all_gather_base_mm(
-            x1, layer.weight, hcom, world_size, gather_output=False, comm_mode="aiv", **kw
+        y, gathered = ascend_ops.all_gather_base_mm(
+            x1, layer.weight, hcom, world_size, gather_output=gather_input, comm_mode="aiv", **kw
         )
-        return y.reshape(x.shape[0] * world_size, *x.shape[1:-1], y.shape[-1])
+        rows = (x.shape[0] * world_size, *x.shape[1:-1])
+        return y.reshape(*rows, y.shape[-1]), (
+            gathered.reshape(*rows, x.shape[-1]) if gather_input else None
+        )
 
     def apply_reduce_scatter(
         self, layer: LinearLayer, x: torch.Tensor, hcom: str, world_size: int
