@@ -38,10 +38,10 @@ ATOL = 1e-5
 Q_RTOL = 0.01
 
 
-def _config(tp: int):
+def _config(tp: int, **over):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    return TransformerConfig(
+    kw = dict(
         num_layers=2,
         hidden_size=64,
         ffn_hidden_size=128,
@@ -55,6 +55,7 @@ def _config(tp: int):
         attention_dropout=0.0,
         params_dtype=torch.float32,
     )
+    return TransformerConfig(**{**kw, **over})
 
 
 def _gpt(config, spec, seed: int):

@@ -18,7 +18,7 @@ import importlib.util
 import pytest
 import torch
 from mp_harness import run_ranks
-from test_megatron import ATOL, BATCH, SEQ, VOCAB, _CpuMemoryBuffer, _gpt
+from test_megatron import ATOL, BATCH, SEQ, VOCAB, _config, _CpuMemoryBuffer, _gpt
 
 pytestmark = [
     pytest.mark.megatron,
@@ -31,23 +31,7 @@ pytestmark = [
 
 
 def _sp_config(tp: int):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    return TransformerConfig(
-        num_layers=2,
-        hidden_size=256,
-        ffn_hidden_size=512,
-        num_attention_heads=4,
-        num_query_groups=2,
-        tensor_model_parallel_size=tp,
-        sequence_parallel=True,
-        use_cpu_initialization=True,
-        add_bias_linear=True,
-        gated_linear_unit=True,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=torch.float32,
-    )
+    return _config(tp, hidden_size=256, ffn_hidden_size=512, sequence_parallel=True)
 
 
 class _Norm:
