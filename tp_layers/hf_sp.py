@@ -36,7 +36,7 @@ from tp_layers.sequence import gather_tokens, split_tokens
 __all__ = ["check_sequence_parallel", "install_sequence_parallel"]
 
 _LAYER_LISTS = ("layers", "h", "blocks")
-_FINAL_NORMS = ("norm", "final_layernorm", "ln_f", "final_norm")
+_FINAL_NORMS = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
 
 
 class _State:
