@@ -420,7 +420,7 @@ class ColumnParallelLinear(ParallelLinearBase):
         if path != "ag_fused":  # gather (no-op at TP 1), then the scheme's matmul + bias
             full = seq.gather_tokens(x, self.tp, m)
             return self.method.apply(self, full, bias), full
-        xp = seq.pad_tokens(x, -(-m // self.tp.size))
+        xp = seq.pad_tokens(x, seq.shard_rows(m, self.tp.size))
         y, full = self.method.apply_all_gather(
             self, xp, self.tp.hcom, self.tp.size, gather_input=bool(gather_input)
         )
@@ -633,7 +633,7 @@ class RowParallelLinear(ParallelLinearBase):
             y = seq.reduce_scatter_tokens(self.method.apply(self, x), self.tp)
         else:
             m, ws = x.shape[0], self.tp.size
-            xp = seq.pad_tokens(x, -(-m // ws) * ws)
+            xp = seq.pad_tokens(x, seq.shard_rows(m, ws) * ws)
             y = self.method.apply_reduce_scatter(self, xp, self.tp.hcom, ws)
             y = y.narrow(0, 0, seq.token_shard(m, ws, self.tp.rank)[1])
         return _add(_add(y, bias), residual)  # every rank: its own tokens (R5)

@@ -25,14 +25,20 @@ __all__ = [
     "gather_tokens",
     "pad_tokens",
     "reduce_scatter_tokens",
+    "shard_rows",
     "split_tokens",
     "token_shard",
 ]
 
 
+def shard_rows(num_tokens: int, world_size: int) -> int:
+    """Rows per rank, c = ceil(num_tokens / world_size): what the collectives pad a shard to."""
+    return -(-num_tokens // world_size)
+
+
 def token_shard(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]:
     """(start, length) of rank ``rank``'s rows out of ``num_tokens`` (ceil-divided chunks)."""
-    chunk = -(-num_tokens // world_size)
+    chunk = shard_rows(num_tokens, world_size)
     start = min(rank * chunk, num_tokens)
     return start, min(chunk, num_tokens - start)
 
@@ -77,8 +83,8 @@ def gather_tokens(
     m = num_tokens_of(x, tp, num_tokens, "gather_tokens")
     if tp.size == 1:
         return x
-    chunk = -(-m // tp.size)
-    return ascend_ops.all_gather_dim0(pad_tokens(x, chunk), tp.hcom).narrow(0, 0, m)
+    padded = pad_tokens(x, shard_rows(m, tp.size))
+    return ascend_ops.all_gather_dim0(padded, tp.hcom).narrow(0, 0, m)
 
 
 def reduce_scatter_tokens(x: torch.Tensor, tp: TPContext | None = None) -> torch.Tensor:
@@ -87,6 +93,5 @@ def reduce_scatter_tokens(x: torch.Tensor, tp: TPContext | None = None) -> torch
     if tp.size == 1:
         return x
     m = x.shape[0]
-    chunk = -(-m // tp.size)
-    y = ascend_ops.reduce_scatter_dim0(pad_tokens(x, chunk * tp.size), tp.hcom)
+    y = ascend_ops.reduce_scatter_dim0(pad_tokens(x, shard_rows(m, tp.size) * tp.size), tp.hcom)
     return y.narrow(0, 0, token_shard(m, tp.size, tp.rank)[1])
