@@ -6,7 +6,7 @@ from ascend_ops._validate import OpSpec, Scenario, check_mm_all_reduce_base
 from ascend_ops.backend import Backend, NpuNotAvailableError, npu_available, use_backend
 from ascend_ops.hcom import LOCAL_HCOM, hcom_name, resolve_hcom
 from ascend_ops.kernels import (
-    dequantize_weight,
+    antiquant_weight,
     dynamic_quant,
     fp_matmul,
     mm_local,
@@ -35,8 +35,8 @@ __all__ = [
     "all_gather_base_mm",
     "all_gather_dim0",
     "all_reduce",
+    "antiquant_weight",
     "check_mm_all_reduce_base",
-    "dequantize_weight",
     "dynamic_quant",
     "fp_matmul",
     "hcom_name",

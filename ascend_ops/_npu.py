@@ -16,10 +16,17 @@ vendor's (KERNELS.md, CONTRACT.md):
   bf16 when exactly representable, and rejected otherwise.
 - The FP local matmul has no vendor helper: it is torch.matmul / torch.addmm on the NPU tensors
   (torch_npu's aten kernels, fp32 accumulation in the cube unit), x3 added afterwards.
+
+Every vendor call goes through :func:`call`, which adapts to the installed torch_npu release:
+it reads the op's schema once (``torch.ops.npu.<op>.default._schema``; the signature for a
+pure-Python stand-in), passes only the keyword arguments that schema has, drops an absent one
+whose value is None or the vendor default, and refuses any other value with a TypeError naming
+the argument, the release and the op. A new vendor op's adapter is one ``call(...)``.
 """
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -27,33 +34,99 @@ import torch
 import torch.distributed as dist
 
 from ascend_ops import backend
-from ascend_ops.kernels import w8a8_output_dtype
+from ascend_ops.contract import FUSED_KWARGS, w8a8_output_dtype
 
 __all__ = [
+    "arg_names",
+    "call",
     "dynamic_quant",
     "fp_matmul",
     "hcom_name",
     "mm_all_reduce_base",
     "quant_matmul",
     "quantize",
+    "trans_quant_param",
     "weight_quant_matmul",
 ]
 
-_FUSED_KWARGS = frozenset(
-    {
-        "reduce_op",
-        "bias",
-        "antiquant_scale",
-        "antiquant_offset",
-        "x3",
-        "dequant_scale",
-        "pertoken_scale",
-        "comm_quant_scale_1",
-        "comm_quant_scale_2",
-        "comm_turn",
-        "antiquant_group_size",
-    }
-)
+
+# Values that mean "the vendor default" for arguments some releases lack (schema defaults in
+# torch_npu/csrc/aten/npu_native_functions*.yaml of 2.1.0.post8 .. 2.14.0): passing one of them
+# to a release without the argument is the same call as omitting it.
+_NEUTRAL: dict[str, Any] = {
+    "reduce_op": "sum",
+    "comm_turn": 0,
+    "antiquant_group_size": 0,
+    "comm_quant_mode": 0,
+    "round_mode": 0,
+    "inner_precise": 0,
+}
+
+_arg_cache: weakref.WeakKeyDictionary[Any, dict[str, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def arg_names(op: str) -> frozenset[str]:
+    """Argument names of ``torch_npu.<op>`` in the installed release (read once, cached per
+    torch_npu module object)."""
+    return frozenset(_arg_names_tuple(op))
+
+
+@torch.compiler.assume_constant_result
+def _arg_names_tuple(op: str) -> tuple[str, ...]:
+    # a constant for torch.compile: the schema of the installed release does not change
+    mod = backend.npu_module()
+    per_mod = _arg_cache.setdefault(mod, {})
+    names = per_mod.get(op)
+    if names is None:
+        fn = getattr(mod, op, None)
+        if fn is None:
+            raise NotImplementedError(
+                f"torch_npu {_version(mod)} has no {op} (needed by the Ascend backend)"
+            )
+        schema = getattr(getattr(fn, "default", None), "_schema", None)
+        if schema is not None:
+            names = tuple(a.name for a in schema.arguments)
+        else:
+            names = tuple(inspect.signature(fn).parameters)
+        per_mod[op] = names
+    return names
+
+
+def _version(mod: Any) -> str:
+    return str(getattr(mod, "__version__", "(unknown version)"))
+
+
+def call(op: str, *args: Any, **kwargs: Any) -> Any:
+    """``torch_npu.<op>(*args, **kwargs)`` with the keyword arguments the installed schema has.
+
+    A keyword the schema lacks is dropped when it is None or its vendor default (``_NEUTRAL``),
+    else refused: TypeError ``"<name>: torch_npu X.Y's <op> has no such argument ..."``.
+    """
+    names = _arg_names_tuple(op)
+    kw: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in names:
+            kw[name] = value
+        elif value is None or (name in _NEUTRAL and _is_neutral(name, value)):
+            continue
+        else:
+            mod = backend.npu_module()
+            raise TypeError(
+                f"{name}: torch_npu {_version(mod)}'s {op} has no such argument (got "
+                f"{_describe(value)}); this release cannot run the call, upgrade torch_npu or "
+                f"leave {name} unset"
+            )
+    return getattr(backend.npu_module(), op)(*args, **kw)
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    return not isinstance(value, torch.Tensor) and value == _NEUTRAL[name]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    return repr(value)
 
 
 def _add_x3(y: torch.Tensor, x3: torch.Tensor | None) -> torch.Tensor:
@@ -73,10 +146,22 @@ def mm_all_reduce_base(
     The arguments are passed unchanged: the caller has validated them against CONTRACT.md
     (including Q9: a float32 dequant_scale without pertoken_scale is packed beforehand).
     """
-    unknown = set(kwargs) - _FUSED_KWARGS
+    unknown = set(kwargs) - set(FUSED_KWARGS)
     if unknown:
         raise TypeError(f"mm_all_reduce_base: unexpected keyword arguments {sorted(unknown)}")
-    return backend.npu_module().npu_mm_all_reduce_base(x1, x2, hcom, **kwargs)
+    x3 = kwargs.get("x3")
+    if (
+        x3 is not None
+        and x1.dtype != torch.int8
+        and "pertoken_scale" not in _arg_names_tuple("npu_mm_all_reduce_base")
+    ):
+        # Releases before pertoken_scale run the FP and W8A16 kernels with x3 as the output
+        # buffer and return x3 (Ascend/op-plugin 6.0.rc1,
+        # op_plugin/ops/base_ops/opapi/MatmulAllReduceBaseKernelNpuOpApi.cpp:
+        # EXEC_NPU_CMD(aclnnMatmulAllReduceV2, ..., x3_real); return x3_real;); from 6.0.rc2
+        # (op_plugin/ops/opapi/, the schema with pertoken_scale) the result is a fresh tensor.
+        kwargs["x3"] = x3.clone()
+    return call("npu_mm_all_reduce_base", x1, x2, hcom, **kwargs)
 
 
 _hcom_cache: weakref.WeakKeyDictionary[
@@ -109,24 +194,27 @@ def weight_quant_matmul(
     bias: torch.Tensor | None,
     antiquant_group_size: int,
     x3: torch.Tensor | None,
+    inner_precise: int = 0,
 ) -> torch.Tensor:
     """W8A16 via ``torch_npu.npu_weight_quant_batchmatmul``.
 
     x: (m, k) / (b, s, k) fp16/bf16; weight: (k, n) int8, ND or NZ. Scale / offset are cast to
     x's dtype; bias to fp16 (fp16 x) or fp32 (bf16 x). x3 is added after the call (fp32, second
-    rounding). Returns x's shape with n last, x's dtype.
+    rounding). inner_precise: 0 (high precision) / 1 (high performance), on releases that have
+    it. Returns x's shape with n last, x's dtype.
     """
-    npu = backend.npu_module()
     dt = x.dtype
     if bias is not None:
         bias = bias.to(torch.float16 if dt == torch.float16 else torch.float32)
-    y = npu.npu_weight_quant_batchmatmul(
+    y = call(
+        "npu_weight_quant_batchmatmul",
         x.reshape(-1, x.shape[-1]),
         weight,
         antiquant_scale.to(dt),
         antiquant_offset=None if antiquant_offset is None else antiquant_offset.to(dt),
         bias=bias,
         antiquant_group_size=antiquant_group_size,
+        inner_precise=inner_precise,
     )
     return _add_x3(y, x3).reshape(*x.shape[:-1], y.shape[-1])
 
@@ -141,17 +229,25 @@ def quant_matmul(
     bias: torch.Tensor | None = None,
     output_dtype: torch.dtype | None = None,
     x3: torch.Tensor | None = None,
+    group_sizes: list[int] | None = None,
 ) -> torch.Tensor:
     """W8A8 via ``torch_npu.npu_quant_matmul``.
 
     x1: (m, k) / (b, s, k) int8 (flattened to 2-D for the call); x2: (k, n) int8, ND or NZ;
-    scale: int64 / float32 / bf16, passed 1-D; offset: float32 1-D (int8 output only);
-    pertoken_scale: float32 [m] / [b*s]. output_dtype: default by the W8A8 dtype table (the
-    vendor's own default would be int8). x3 is added after the call (fp32, second rounding).
+    scale: int64 / float32 / bf16, passed 1-D (a bf16 scale as float32, below); offset: float32
+    1-D (int8 output only); pertoken_scale: float32 [m] / [b*s]. output_dtype: default by the
+    W8A8 dtype table (the vendor's own default would be int8). group_sizes: on releases that
+    have it (2.7.1+). x3 is added after the call (fp32, second rounding).
     """
-    npu = backend.npu_module()
     out_dtype = output_dtype or w8a8_output_dtype(scale)
-    y = npu.npu_quant_matmul(
+    if scale.dtype == torch.bfloat16:
+        # bf16 output takes a float32 scale (op-plugin dtype table); vllm-ascend keeps the
+        # dequant scale float32 for bf16 models (vllm_ascend/quantization/methods/
+        # w8a8_static.py: deq_scale float32 when params_dtype is bf16, int64 for fp16). The
+        # values are the bf16 ones, so decode matches the fused op, which takes bf16.
+        scale = scale.float()
+    y = call(
+        "npu_quant_matmul",
         x1.reshape(-1, x1.shape[-1]),
         x2,
         scale.reshape(-1),
@@ -159,6 +255,7 @@ def quant_matmul(
         pertoken_scale=None if pertoken_scale is None else pertoken_scale.float().reshape(-1),
         bias=bias,
         output_dtype=out_dtype,
+        group_sizes=group_sizes,
     )
     if x3 is not None and out_dtype != torch.int8:
         y = _add_x3(y, x3)
@@ -170,6 +267,16 @@ def _zero_points_for_div_mode(zp: torch.Tensor) -> torch.Tensor:
         return zp
     if not zp.is_floating_point():
         return zp.to(torch.int32)
+    if torch.compiler.is_compiling():
+        # no value-dependent branch in a graph: bf16 (exact for every integral offset in the
+        # int8 range), checked when the graph runs
+        as_bf16 = zp.to(torch.bfloat16)
+        torch._assert_async(
+            (as_bf16.to(zp.dtype) == zp).all(),
+            "zero_points: npu_quantize (div_mode=True) takes int8/uint8/int32/bf16 zero points; "
+            "these float values are not exact in bf16",
+        )
+        return as_bf16
     if bool((zp == torch.round(zp)).all()):
         return zp.to(torch.int32)
     as_bf16 = zp.to(torch.bfloat16)
@@ -194,7 +301,6 @@ def quantize(
     Not div_mode: zero points cast to the scales' dtype and shape, as the vendor requires.
     Returns int8 of input's shape.
     """
-    npu = backend.npu_module()
     if div_mode:
         if scales.dtype not in (torch.float32, torch.bfloat16):
             scales = scales.float()
@@ -202,7 +308,7 @@ def quantize(
             zero_points = _zero_points_for_div_mode(zero_points)
     elif zero_points is not None:
         zero_points = zero_points.to(scales.dtype).reshape(scales.shape)
-    return npu.npu_quantize(input, scales, zero_points, torch.qint8, axis, div_mode)
+    return call("npu_quantize", input, scales, zero_points, torch.qint8, axis, div_mode)
 
 
 def dynamic_quant(
@@ -210,11 +316,18 @@ def dynamic_quant(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token int8 via ``torch_npu.npu_dynamic_quant`` -> (int8 input-shaped, float32
     input.shape[:-1]); smooth_scales is cast to input's dtype (the vendor requires it)."""
-    npu = backend.npu_module()
     if smooth_scales is not None:
         smooth_scales = smooth_scales.to(input.dtype)
-    y, scale = npu.npu_dynamic_quant(input, smooth_scales=smooth_scales)
+    y, scale = call("npu_dynamic_quant", input, smooth_scales=smooth_scales)
     return y, scale
+
+
+def trans_quant_param(
+    scale: torch.Tensor, offset: torch.Tensor | None = None, round_mode: int = 0
+) -> torch.Tensor:
+    """``torch_npu.npu_trans_quant_param(scale, offset[, round_mode])`` -> int64 (round_mode 1,
+    round-to-nearest of the dropped mantissa bits, exists from 2.7.1 on)."""
+    return call("npu_trans_quant_param", scale, offset, round_mode=round_mode)
 
 
 def fp_matmul(

@@ -20,15 +20,19 @@ import enum
 
 import torch
 
+from ascend_ops.contract import (
+    FORMAT_NZ,
+    FP_DTYPES,
+    FP_DTYPES_PORTABLE,
+    INT_MAX,
+    QUANT_DIM_MAX,
+    SP_WORLD_SIZES_ASCEND,
+    W8A8_DEQUANT_SCALE_DTYPES,
+    WORLD_SIZES,
+    w8a8_output_dtype,
+)
+
 __all__ = ["OpSpec", "Scenario", "check_group", "check_mm_all_reduce_base"]
-
-INT_MAX = 2**31 - 1
-QUANT_DIM_MAX = 65535
-WORLD_SIZES = (1, 2, 4, 8)
-FORMAT_NZ = 29
-
-_FP = (torch.float16, torch.bfloat16)
-_FP_PORTABLE = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Scenario(enum.Enum):
@@ -92,14 +96,51 @@ def check_mm_all_reduce_base(
     storage format id when known (29 = FRACTAL_NZ)."""
     x1 = _tensor("x1", x1, "C1")
     x2 = _tensor("x2", x2, "C2")
-    fp_ok = _FP if ascend else _FP_PORTABLE
-    where = " on the Ascend backend" if ascend else ""
+    _check_x1(x1, ascend)
+    scenario = _check_x2(x1, x2, ascend, x2_format)
+    m, k, n = _check_sizes(x1, x2)
+    _check_options(hcom, reduce_op, comm_turn)
+    tensors = {
+        "x1": x1,
+        "x2": x2,
+        "bias": bias,
+        "x3": x3,
+        "antiquant_scale": antiquant_scale,
+        "antiquant_offset": antiquant_offset,
+        "dequant_scale": dequant_scale,
+        "pertoken_scale": pertoken_scale,
+        "comm_quant_scale_1": comm_quant_scale_1,
+        "comm_quant_scale_2": comm_quant_scale_2,
+    }
+    _check_no_grad(tensors)
+    _check_not_empty(x1, x2, m, k, n)
+    if scenario is Scenario.W8A8:
+        out_dtype = _check_w8a8(
+            x1, x2, m, k, n, dequant_scale, pertoken_scale, antiquant_scale,
+            antiquant_offset, antiquant_group_size,
+        )  # fmt: skip
+    else:
+        out_dtype = x1.dtype
+        _refuse_full_quant(dequant_scale, pertoken_scale)
+        if scenario is Scenario.W8A16:
+            _check_w8a16(x1, k, n, antiquant_scale, antiquant_offset, antiquant_group_size)
+        else:
+            _refuse_antiquant(antiquant_scale, antiquant_offset, antiquant_group_size, "non-quant")
+    out_shape = (*x1.shape[:-1], n)
+    _check_bias(bias, scenario, x1, n)
+    _check_x3(x3, out_dtype, out_shape, x1)
+    _check_comm_quant(comm_quant_scale_1, comm_quant_scale_2, scenario, out_dtype, n, x1)
+    return OpSpec(scenario, m, k, n, out_shape, out_dtype)
 
-    # C1
+
+def _check_x1(x1: torch.Tensor, ascend: bool) -> None:
+    """C1: x1's dtype, rank and layout."""
+    fp_ok = FP_DTYPES if ascend else FP_DTYPES_PORTABLE
     if x1.dtype != torch.int8 and x1.dtype not in fp_ok:
         names = "int8, float16 or bfloat16" + (
             "" if ascend else " (float32: portable backend only)"
         )
+        where = " on the Ascend backend" if ascend else ""
         raise _err(TypeError, "x1", f"dtype must be {names}{where}, got {x1.dtype}", "C1")
     if x1.dim() not in (2, 3):
         raise _err(
@@ -115,51 +156,59 @@ def check_mm_all_reduce_base(
             "a transposed / non-contiguous x1 is not supported; call .contiguous()",
             "C1",
         )
-    # C2
+
+
+def _check_x2(x1: torch.Tensor, x2: torch.Tensor, ascend: bool, x2_format: int | None) -> Scenario:
+    """C2: x2's rank, dtype, device and format; the scenario the dtype pair selects."""
+    where = " on the Ascend backend" if ascend else ""
     if x2.dim() != 2:
         raise _err(ValueError, "x2", f"must be 2-D (k, n), got shape {tuple(x2.shape)}", "C2")
-    if x2.dtype != torch.int8 and x2.dtype not in fp_ok:
+    if x2.dtype != torch.int8 and x2.dtype not in (FP_DTYPES if ascend else FP_DTYPES_PORTABLE):
         raise _err(
             TypeError, "x2", f"dtype must be float16, bfloat16 or int8{where}, got {x2.dtype}", "C2"
         )
     if x2.device != x1.device:
         raise _err(ValueError, "x2", f"must be on x1's device {x1.device}, got {x2.device}", "C2")
-    # scenario
     if x1.dtype == torch.int8:
         if x2.dtype != torch.int8:
             raise _err(
                 TypeError, "x2", f"must be int8 when x1 is int8 (full quant), got {x2.dtype}", "C2"
             )
-        scenario = Scenario.W8A8
-    elif x2.dtype == torch.int8:
-        scenario = Scenario.W8A16
-    else:
-        if x2.dtype != x1.dtype:
-            raise _err(
-                TypeError,
-                "x2",
-                f"dtype must equal x1's ({x1.dtype}) in the non-quant scenario, got {x2.dtype}",
-                "C2",
-            )
-        scenario = Scenario.FP
-        if ascend and x2_format == FORMAT_NZ:
-            raise _err(
-                ValueError,
-                "x2",
-                "FRACTAL_NZ weight is not supported in the non-quant scenario on Atlas A2; keep FP weights ND",
-                "C2",
-            )
-    # C3
+        return Scenario.W8A8
+    if x2.dtype == torch.int8:
+        return Scenario.W8A16
+    if x2.dtype != x1.dtype:
+        raise _err(
+            TypeError,
+            "x2",
+            f"dtype must equal x1's ({x1.dtype}) in the non-quant scenario, got {x2.dtype}",
+            "C2",
+        )
+    if ascend and x2_format == FORMAT_NZ:
+        raise _err(
+            ValueError,
+            "x2",
+            "FRACTAL_NZ weight is not supported in the non-quant scenario on Atlas A2; keep FP weights ND",
+            "C2",
+        )
+    return Scenario.FP
+
+
+def _check_sizes(x1: torch.Tensor, x2: torch.Tensor) -> tuple[int, int, int]:
+    """C3: x2's k matches x1's. Returns (m, k, n)."""
     k = x1.shape[-1]
     if x2.shape[0] != k:
         raise _err(
             ValueError, "x2", f"shape[0] ({x2.shape[0]}) must equal x1's last dim k ({k})", "C3"
         )
-    n = x2.shape[1]
     m = 1
     for d in x1.shape[:-1]:
         m *= d
-    # C4, C5, C8
+    return m, k, x2.shape[1]
+
+
+def _check_options(hcom: object, reduce_op: object, comm_turn: object) -> None:
+    """C4, C5, C8: the non-tensor options."""
     if not isinstance(hcom, str) or not hcom:
         raise _err(
             TypeError,
@@ -171,29 +220,24 @@ def check_mm_all_reduce_base(
         raise _err(ValueError, "reduce_op", f"only 'sum' is supported, got {reduce_op!r}", "C5")
     if isinstance(comm_turn, bool) or not isinstance(comm_turn, int) or comm_turn != 0:
         raise _err(ValueError, "comm_turn", f"only 0 is supported, got {comm_turn!r}", "C8")
-    # C10
-    if torch.is_grad_enabled():
-        for name, t in (
-            ("x1", x1),
-            ("x2", x2),
-            ("bias", bias),
-            ("x3", x3),
-            ("antiquant_scale", antiquant_scale),
-            ("antiquant_offset", antiquant_offset),
-            ("dequant_scale", dequant_scale),
-            ("pertoken_scale", pertoken_scale),
-            ("comm_quant_scale_1", comm_quant_scale_1),
-            ("comm_quant_scale_2", comm_quant_scale_2),
-        ):
-            # non-tensors are left to their own rule's type check below
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                raise _err(
-                    ValueError,
-                    name,
-                    "requires grad: the op is inference only (no backward); call under torch.no_grad()/inference_mode() or detach",
-                    "C10",
-                )
-    # C12, C13
+
+
+def _check_no_grad(tensors: dict[str, object]) -> None:
+    """C10: inference only; non-tensors are left to their own rule's type check."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise _err(
+                ValueError,
+                name,
+                "requires grad: the op is inference only (no backward); call under torch.no_grad()/inference_mode() or detach",
+                "C10",
+            )
+
+
+def _check_not_empty(x1: torch.Tensor, x2: torch.Tensor, m: int, k: int, n: int) -> None:
+    """C12 (no empty tensor), C13 (m, k, n within int32)."""
     if x1.numel() == 0:
         raise _err(ValueError, "x1", f"must not be empty, got shape {tuple(x1.shape)}", "C12")
     if x2.numel() == 0:
@@ -207,119 +251,110 @@ def check_mm_all_reduce_base(
                 "C13",
             )
 
-    # C9 output
-    out_shape = (*x1.shape[:-1], n)
-    if scenario is Scenario.W8A8:
-        out_dtype = _check_w8a8(
-            x1,
-            x2,
-            m,
-            k,
-            n,
-            dequant_scale,
-            pertoken_scale,
-            antiquant_scale,
-            antiquant_offset,
-            antiquant_group_size,
-        )
-    else:
-        out_dtype = x1.dtype
-        for name, t, rule in (
-            ("dequant_scale", dequant_scale, "Q5"),
-            ("pertoken_scale", pertoken_scale, "Q6"),
-        ):
-            if t is not None:
-                raise _err(
-                    ValueError, name, "is only for the full-quant scenario (int8 x1 and x2)", rule
-                )
-        if scenario is Scenario.W8A16:
-            _check_w8a16(x1, k, n, antiquant_scale, antiquant_offset, antiquant_group_size)
-        else:
-            _refuse_antiquant(antiquant_scale, antiquant_offset, antiquant_group_size, "non-quant")
 
-    # C6 bias
-    if bias is not None:
-        bias = _tensor("bias", bias, "C6")
-        want = torch.int32 if scenario is Scenario.W8A8 else x1.dtype
-        if bias.dtype != want:
+def _refuse_full_quant(dequant_scale: object, pertoken_scale: object) -> None:
+    """Q5, Q6: dequant / pertoken scales belong to the full-quant scenario only."""
+    for name, t, rule in (
+        ("dequant_scale", dequant_scale, "Q5"),
+        ("pertoken_scale", pertoken_scale, "Q6"),
+    ):
+        if t is not None:
+            raise _err(
+                ValueError, name, "is only for the full-quant scenario (int8 x1 and x2)", rule
+            )
+
+
+def _check_bias(bias: object, scenario: Scenario, x1: torch.Tensor, n: int) -> None:
+    """C6: bias dtype (int32 in W8A8, x1's otherwise), shape (n,), device."""
+    if bias is None:
+        return
+    bias = _tensor("bias", bias, "C6")
+    want = torch.int32 if scenario is Scenario.W8A8 else x1.dtype
+    if bias.dtype != want:
+        raise _err(
+            TypeError,
+            "bias",
+            f"dtype must be {want} in the {scenario.value} scenario, got {bias.dtype}",
+            "C6",
+        )
+    if bias.dim() != 1 or bias.shape[0] != n:
+        raise _err(
+            ValueError,
+            "bias",
+            f"must be 1-D of length n = {n}, got shape {tuple(bias.shape)}",
+            "C6",
+        )
+    _same_device("bias", bias, x1, "C6")
+
+
+def _check_x3(
+    x3: object, out_dtype: torch.dtype, out_shape: tuple[int, ...], x1: torch.Tensor
+) -> None:
+    """C7: x3 has the output's dtype, shape and device."""
+    if x3 is None:
+        return
+    x3 = _tensor("x3", x3, "C7")
+    if x3.dtype != out_dtype:
+        raise _err(
+            TypeError,
+            "x3",
+            f"dtype must equal the output dtype {out_dtype}, got {x3.dtype}",
+            "C7",
+        )
+    if tuple(x3.shape) != out_shape:
+        raise _err(
+            ValueError,
+            "x3",
+            f"shape must equal the output shape {out_shape}, got {tuple(x3.shape)}",
+            "C7",
+        )
+    _same_device("x3", x3, x1, "C7")
+
+
+def _check_comm_quant(
+    s1: object, s2: object, scenario: Scenario, out_dtype: torch.dtype, n: int, x1: torch.Tensor
+) -> None:
+    """Q8: both comm-quant scales or neither, full quant only, output dtype, [n] / [1, n]."""
+    if s1 is None and s2 is None:
+        return
+    if scenario is not Scenario.W8A8:
+        name = "comm_quant_scale_1" if s1 is not None else "comm_quant_scale_2"
+        raise _err(
+            ValueError, name, "is supported only in the full-quant scenario (int8 x1 and x2)", "Q8"
+        )
+    if s1 is None or s2 is None:
+        missing = "comm_quant_scale_1" if s1 is None else "comm_quant_scale_2"
+        raise _err(
+            ValueError,
+            missing,
+            "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
+            "Q8",
+        )
+    for name, t in (("comm_quant_scale_1", s1), ("comm_quant_scale_2", s2)):
+        t = _tensor(name, t, "Q8")
+        if t.dtype != out_dtype:
             raise _err(
                 TypeError,
-                "bias",
-                f"dtype must be {want} in the {scenario.value} scenario, got {bias.dtype}",
-                "C6",
+                name,
+                f"dtype must equal the output dtype {out_dtype}, got {t.dtype}",
+                "Q8",
             )
-        if bias.dim() != 1 or bias.shape[0] != n:
-            raise _err(
-                ValueError,
-                "bias",
-                f"must be 1-D of length n = {n}, got shape {tuple(bias.shape)}",
-                "C6",
-            )
-        _same_device("bias", bias, x1, "C6")
-    # C7 x3
-    if x3 is not None:
-        x3 = _tensor("x3", x3, "C7")
-        if x3.dtype != out_dtype:
-            raise _err(
-                TypeError,
-                "x3",
-                f"dtype must equal the output dtype {out_dtype}, got {x3.dtype}",
-                "C7",
-            )
-        if tuple(x3.shape) != out_shape:
-            raise _err(
-                ValueError,
-                "x3",
-                f"shape must equal the output shape {out_shape}, got {tuple(x3.shape)}",
-                "C7",
-            )
-        _same_device("x3", x3, x1, "C7")
-    # Q8 comm quant
-    if comm_quant_scale_1 is not None or comm_quant_scale_2 is not None:
-        if scenario is not Scenario.W8A8:
-            name = "comm_quant_scale_1" if comm_quant_scale_1 is not None else "comm_quant_scale_2"
+        if not _shape_in(t, [(n,), (1, n)]):
             raise _err(
                 ValueError,
                 name,
-                "is supported only in the full-quant scenario (int8 x1 and x2)",
+                f"shape must be [n] or [1, n] with n = {n}, got {tuple(t.shape)}",
                 "Q8",
             )
-        if comm_quant_scale_1 is None or comm_quant_scale_2 is None:
-            missing = "comm_quant_scale_1" if comm_quant_scale_1 is None else "comm_quant_scale_2"
-            raise _err(
-                ValueError,
-                missing,
-                "comm_quant_scale_1 and comm_quant_scale_2 must be given together",
-                "Q8",
-            )
-        for name, t in (
-            ("comm_quant_scale_1", comm_quant_scale_1),
-            ("comm_quant_scale_2", comm_quant_scale_2),
-        ):
-            t = _tensor(name, t, "Q8")
-            if t.dtype != out_dtype:
-                raise _err(
-                    TypeError,
-                    name,
-                    f"dtype must equal the output dtype {out_dtype}, got {t.dtype}",
-                    "Q8",
-                )
-            if not _shape_in(t, [(n,), (1, n)]):
-                raise _err(
-                    ValueError,
-                    name,
-                    f"shape must be [n] or [1, n] with n = {n}, got {tuple(t.shape)}",
-                    "Q8",
-                )
-            _same_device(name, t, x1, "Q8")
-        if comm_quant_scale_1.shape != comm_quant_scale_2.shape:
-            raise _err(
-                ValueError,
-                "comm_quant_scale_2",
-                f"shape must equal comm_quant_scale_1's {tuple(comm_quant_scale_1.shape)}, got {tuple(comm_quant_scale_2.shape)}",
-                "Q8",
-            )
-    return OpSpec(scenario, m, k, n, out_shape, out_dtype)
+        _same_device(name, t, x1, "Q8")
+    assert isinstance(s1, torch.Tensor) and isinstance(s2, torch.Tensor)
+    if s1.shape != s2.shape:
+        raise _err(
+            ValueError,
+            "comm_quant_scale_2",
+            f"shape must equal comm_quant_scale_1's {tuple(s1.shape)}, got {tuple(s2.shape)}",
+            "Q8",
+        )
 
 
 def _same_device(name: str, t: torch.Tensor, x1: torch.Tensor, rule: str) -> None:
@@ -372,6 +407,7 @@ def _check_w8a16(
     offset: torch.Tensor | None,
     g: int,
 ) -> None:
+    """Q1-Q4: the weight-only quant scenario's scale, sizes, group size and offset."""
     if scale is None:
         raise _err(
             ValueError,
@@ -413,23 +449,29 @@ def _check_w8a16(
             f"shape must be [1] (per-tensor), [n] or [1, n] (per-channel) with n = {n}, or per-group with antiquant_group_size > 0; got {tuple(scale.shape)}",
             "Q1",
         )
-    if offset is not None:
-        offset = _tensor("antiquant_offset", offset, "Q2")
-        if offset.dtype != scale.dtype:
-            raise _err(
-                TypeError,
-                "antiquant_offset",
-                f"dtype must equal antiquant_scale's ({scale.dtype}), got {offset.dtype}",
-                "Q2",
-            )
-        if offset.shape != scale.shape:
-            raise _err(
-                ValueError,
-                "antiquant_offset",
-                f"shape must equal antiquant_scale's {tuple(scale.shape)}, got {tuple(offset.shape)}",
-                "Q2",
-            )
-        _same_device("antiquant_offset", offset, x1, "Q2")
+    _check_antiquant_offset(offset, scale, x1)
+
+
+def _check_antiquant_offset(offset: object, scale: torch.Tensor, x1: torch.Tensor) -> None:
+    """Q2: the offset has the scale's dtype and shape."""
+    if offset is None:
+        return
+    offset = _tensor("antiquant_offset", offset, "Q2")
+    if offset.dtype != scale.dtype:
+        raise _err(
+            TypeError,
+            "antiquant_offset",
+            f"dtype must equal antiquant_scale's ({scale.dtype}), got {offset.dtype}",
+            "Q2",
+        )
+    if offset.shape != scale.shape:
+        raise _err(
+            ValueError,
+            "antiquant_offset",
+            f"shape must equal antiquant_scale's {tuple(scale.shape)}, got {tuple(offset.shape)}",
+            "Q2",
+        )
+    _same_device("antiquant_offset", offset, x1, "Q2")
 
 
 def _check_w8a8(
@@ -444,6 +486,7 @@ def _check_w8a8(
     antiquant_offset: torch.Tensor | None,
     g: int,
 ) -> torch.dtype:
+    """Q5, Q7 and the antiquant refusal of the full-quant scenario; returns the output dtype."""
     _refuse_antiquant(antiquant_scale, antiquant_offset, g, "full-quant")
     if k > QUANT_DIM_MAX:
         raise _err(ValueError, "x1", f"k = {k} exceeds [1, 65535] in the full-quant scenario", "Q7")
@@ -462,8 +505,7 @@ def _check_w8a8(
             "Q5",
         )
     dequant_scale = _tensor("dequant_scale", dequant_scale, "Q5")
-    ok = (torch.int64, torch.uint64, torch.bfloat16, torch.float32)
-    if dequant_scale.dtype not in ok:
+    if dequant_scale.dtype not in W8A8_DEQUANT_SCALE_DTYPES:
         raise _err(
             TypeError,
             "dequant_scale",
@@ -478,6 +520,15 @@ def _check_w8a8(
             "Q5",
         )
     _same_device("dequant_scale", dequant_scale, x1, "Q5")
+    _check_pertoken_scale(pertoken_scale, dequant_scale, m, x1)
+    return w8a8_output_dtype(dequant_scale)
+
+
+def _check_pertoken_scale(
+    pertoken_scale: object, dequant_scale: torch.Tensor, m: int, x1: torch.Tensor
+) -> None:
+    """Q6: float32 [m]; with it the dequant scale is float32 / bf16. Q9: without it a float32
+    dequant scale must be packed."""
     if pertoken_scale is not None:
         pertoken_scale = _tensor("pertoken_scale", pertoken_scale, "Q6")
         if pertoken_scale.dtype != torch.float32:
@@ -510,7 +561,6 @@ def _check_w8a8(
             "float32 without pertoken_scale must first be packed to int64 with trans_quant_param",
             "Q9",
         )
-    return torch.bfloat16 if dequant_scale.dtype == torch.bfloat16 else torch.float16
 
 
 def check_group(world_size: int, hcom: str) -> None:
@@ -537,7 +587,6 @@ def check_group(world_size: int, hcom: str) -> None:
 
 SP_K_MIN = 256
 SP_K_MAX = 65535  # exclusive: k in [256, 65535)
-SP_WORLD_SIZES_ASCEND = (2, 4, 8)  # Atlas A2, HCCS full mesh
 SP_COMM_MODES = ("ai_cpu", "aiv")
 
 
@@ -585,7 +634,7 @@ def _check_sp_common(
     Returns (input, x2, quantized, world_size, comm_mode, output dtype)."""
     x1 = _tensor("input", input, f"{p}1")
     w = _tensor("x2", x2, f"{p}2")
-    fp_ok = _FP if ascend else _FP_PORTABLE
+    fp_ok = FP_DTYPES if ascend else FP_DTYPES_PORTABLE
     where = " on the Ascend backend" if ascend else ""
     # 1: input
     if x1.dtype != torch.int8 and x1.dtype not in fp_ok:

@@ -62,9 +62,17 @@ def _has_npu_backend(group: dist.ProcessGroup) -> bool:
 def resolve_hcom(hcom: str) -> dist.ProcessGroup | None:
     """The ProcessGroup that ``hcom`` names, or None for a world-size-1 domain (no collective).
 
-    Checks C4 (known name) and C12 (world size 1, 2, 4 or 8) before any collective.
+    Checks C4 (known name; ``LOCAL_HCOM`` only outside a multi-rank job) and C12 (world size
+    1, 2, 4 or 8) before any collective.
     """
     if hcom == LOCAL_HCOM:
+        if _dist_ready() and dist.get_world_size() > 1:
+            raise ValueError(
+                f"hcom: {LOCAL_HCOM!r} names a world-size-1 domain, but this process is rank "
+                f"{dist.get_rank()} of an initialised {dist.get_world_size()}-rank job, so the "
+                "reduction would silently be skipped; pass ascend_ops.hcom_name(group) (a layer "
+                "that wants no communication takes reduce_results=False) (C4)"
+            )
         return None
     group = _groups.get(hcom)
     if group is None:

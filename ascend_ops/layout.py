@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ascend_ops import backend
+from ascend_ops.contract import FORMAT_ND, FORMAT_NZ
 
 __all__ = [
     "FORMAT_ND",
@@ -38,8 +39,6 @@ __all__ = [
     "nz_to_nd",
 ]
 
-FORMAT_ND = 2
-FORMAT_NZ = 29
 _KNOWN_FORMATS = {FORMAT_ND: "ND", FORMAT_NZ: "FRACTAL_NZ"}
 _FORMAT_ATTR = "_ascend_format"
 _K0 = 16  # rows per fractal

@@ -12,6 +12,7 @@ import torch
 
 from ascend_ops import _portable, backend
 from ascend_ops._validate import check_mm_all_reduce_base
+from ascend_ops.contract import MmAllReduceArgs, output_dtype
 
 __all__ = [
     "all_gather",
@@ -24,55 +25,13 @@ __all__ = [
 ]
 
 
-def _impl(
-    x1: torch.Tensor,
-    x2: torch.Tensor,
-    hcom: str,
-    reduce_op: str,
-    bias: torch.Tensor | None,
-    antiquant_scale: torch.Tensor | None,
-    antiquant_offset: torch.Tensor | None,
-    x3: torch.Tensor | None,
-    dequant_scale: torch.Tensor | None,
-    pertoken_scale: torch.Tensor | None,
-    comm_quant_scale_1: torch.Tensor | None,
-    comm_quant_scale_2: torch.Tensor | None,
-    comm_turn: int,
-    antiquant_group_size: int,
-) -> torch.Tensor:
-    if backend.select(x1) is backend.Backend.ASCEND:
+def _impl(a: MmAllReduceArgs) -> torch.Tensor:
+    """Validated arguments -> the backend's fused op."""
+    if backend.select(a.x1) is backend.Backend.ASCEND:
         from ascend_ops import _npu
 
-        return _npu.mm_all_reduce_base(
-            x1,
-            x2,
-            hcom,
-            reduce_op=reduce_op,
-            bias=bias,
-            antiquant_scale=antiquant_scale,
-            antiquant_offset=antiquant_offset,
-            x3=x3,
-            dequant_scale=dequant_scale,
-            pertoken_scale=pertoken_scale,
-            comm_quant_scale_1=comm_quant_scale_1,
-            comm_quant_scale_2=comm_quant_scale_2,
-            comm_turn=comm_turn,
-            antiquant_group_size=antiquant_group_size,
-        )
-    return _portable.mm_all_reduce_base(
-        x1,
-        x2,
-        hcom,
-        bias,
-        antiquant_scale,
-        antiquant_offset,
-        x3,
-        dequant_scale,
-        pertoken_scale,
-        comm_quant_scale_1,
-        comm_quant_scale_2,
-        antiquant_group_size,
-    )
+        return _npu.mm_all_reduce_base(a.x1, a.x2, a.hcom, **a.keywords())
+    return _portable.mm_all_reduce_base(a)
 
 
 @torch.library.custom_op("ascend_ops::mm_all_reduce_base", mutates_args=())
@@ -93,45 +52,30 @@ def _mm_all_reduce_base_op(
     antiquant_group_size: int,
 ) -> torch.Tensor:
     return _impl(
-        x1,
-        x2,
-        hcom,
-        reduce_op,
-        bias,
-        antiquant_scale,
-        antiquant_offset,
-        x3,
-        dequant_scale,
-        pertoken_scale,
-        comm_quant_scale_1,
-        comm_quant_scale_2,
-        comm_turn,
-        antiquant_group_size,
+        MmAllReduceArgs(
+            x1,
+            x2,
+            hcom,
+            reduce_op,
+            bias,
+            antiquant_scale,
+            antiquant_offset,
+            x3,
+            dequant_scale,
+            pertoken_scale,
+            comm_quant_scale_1,
+            comm_quant_scale_2,
+            comm_turn,
+            antiquant_group_size,
+        )
     )
 
 
 @_mm_all_reduce_base_op.register_fake
-def _mm_all_reduce_base_fake(
-    x1,
-    x2,
-    hcom,
-    reduce_op,
-    bias,
-    antiquant_scale,
-    antiquant_offset,
-    x3,
-    dequant_scale,
-    pertoken_scale,
-    comm_quant_scale_1,
-    comm_quant_scale_2,
-    comm_turn,
-    antiquant_group_size,
-):
-    if x1.dtype == torch.int8:
-        dt = torch.bfloat16 if dequant_scale.dtype == torch.bfloat16 else torch.float16
-    else:
-        dt = x1.dtype
-    return x1.new_empty((*x1.shape[:-1], x2.shape[1]), dtype=dt)
+def _mm_all_reduce_base_fake(*args):
+    a = MmAllReduceArgs(*args)
+    out = (*a.x1.shape[:-1], a.x2.shape[1])
+    return a.x1.new_empty(out, dtype=output_dtype(a.x1, a.dequant_scale))
 
 
 def mm_all_reduce_base(
@@ -167,30 +111,11 @@ def mm_all_reduce_base(
     # non-tensor x1 / x2 reach the validation (C1 / C2 TypeError), not an AttributeError here
     ascend = backend.select(x1 if isinstance(x1, torch.Tensor) else None) is backend.Backend.ASCEND
     x2_format = None
-    if ascend and isinstance(x2, torch.Tensor):
+    if ascend and isinstance(x2, torch.Tensor) and not torch.compiler.is_compiling():
         from ascend_ops import layout
 
         x2_format = layout.get_format(x2)
-    check_mm_all_reduce_base(
-        x1,
-        x2,
-        hcom,
-        reduce_op,
-        bias,
-        antiquant_scale,
-        antiquant_offset,
-        x3,
-        dequant_scale,
-        pertoken_scale,
-        comm_quant_scale_1,
-        comm_quant_scale_2,
-        comm_turn,
-        antiquant_group_size,
-        ascend=ascend,
-        x2_format=x2_format,
-    )
-    fn = _mm_all_reduce_base_op if torch.compiler.is_compiling() else _impl
-    return fn(
+    args = MmAllReduceArgs(
         x1,
         x2,
         hcom,
@@ -206,6 +131,12 @@ def mm_all_reduce_base(
         comm_turn,
         antiquant_group_size,
     )
+    check_mm_all_reduce_base(*args, ascend=ascend, x2_format=x2_format)
+    # compiled on Ascend, _impl traces the vendor op itself (torch.ops.npu.npu_mm_all_reduce_base,
+    # which torchair lowers); the portable path stays one opaque ascend_ops custom op
+    if torch.compiler.is_compiling() and not ascend:
+        return _mm_all_reduce_base_op(*args)
+    return _impl(args)
 
 
 @torch.library.custom_op("ascend_ops::all_reduce", mutates_args=())

@@ -52,7 +52,9 @@ def trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None) -
                 f"{tuple(scale.shape)} (use [1] or the scale's length)"
             ) from e
     if backend.select(scale) is backend.Backend.ASCEND:
-        return backend.npu_module().npu_trans_quant_param(scale, offset)
+        from ascend_ops import _npu
+
+        return _npu.trans_quant_param(scale, offset)
     bits = _float32_bits(scale.to(torch.float32)) & _SCALE_MASK
     if offset is not None:
         off_f = torch.round(offset.to(torch.float32))
@@ -65,11 +67,14 @@ def trans_quant_param(scale: torch.Tensor, offset: torch.Tensor | None = None) -
 
 
 def unpack_quant_param(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of trans_quant_param: int64/uint64 -> (float32 scale, float32 offset), bit-exact."""
+    """Inverse of trans_quant_param: int64/uint64 -> (float32 scale, float32 offset), bit-exact.
+
+    packed: any shape. The scale is read as the kernel reads it: bits 0..31 with the low 13
+    mantissa bits cleared (a raw int64 whose low bits are set unpacks to the truncated scale)."""
     if packed.dtype not in (torch.int64, torch.uint64):
         raise TypeError(f"packed: must be int64 or uint64, got {packed.dtype}")
     p = packed.contiguous().view(torch.int64) if packed.dtype == torch.uint64 else packed
-    low = p & 0xFFFFFFFF
+    low = p & _SCALE_MASK
     scale = torch.where(low >= 2**31, low - 2**32, low).to(torch.int32).view(torch.float32)
     off9 = (p >> _OFFSET_SHIFT) & _OFFSET_MASK
     offset = torch.where(off9 >= 256, off9 - 512, off9).to(torch.float32)

@@ -3,10 +3,10 @@
 fast:   ``torch._weight_int8pack_mm(x, w_nk, scale)`` (int8 weight read directly, fp32
         accumulation, one rounding) -- symmetric per-tensor/per-channel, bf16 only (the fp16
         and fp32 variants of the kernel are 10-25x slower on AVX2);
-golden: ``dequantize_weight`` (int8 -> bf16 ``w * s``, rounded as the vendor golden) then
+golden: ``antiquant_weight`` (int8 -> bf16 ``w * s``, rounded as the vendor golden) then
         either one bf16 GEMM ("bf16") or an fp32 GEMM on the upcast operands ("f32"); both
         round once. On CPUs without native bf16 (AVX2) oneDNN's bf16 GEMM is slow at large m,
-        so this also measures ``ascend_ops.kernels.BF16_GEMM_MAX_M`` (fp_matmul's switch).
+        so this also measures ``ascend_ops._portable.BF16_GEMM_MAX_M`` (fp_matmul's switch).
 
 Both use the prepared weight layout (``prepare_w8a16_weight``: a (k, n) view of an (n, k)
 contiguous tensor), as the layers store it. Prints the median time (ms) of ``--repeats`` runs per m
@@ -14,7 +14,7 @@ and the switch points, per shape (k x n)::
 
     .venv/bin/python bench/kernels_switch.py [--shapes 4096x4096,11008x4096] [--repeats 5]
 
-The result is recorded in ``ascend_ops.kernels.W8A16_INT8PACK_MAX_M``.
+The result is recorded in ``ascend_ops._portable.W8A16_INT8PACK_MAX_M``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable
 
 import torch
 
-from ascend_ops.kernels import dequantize_weight, prepare_w8a16_weight
+from ascend_ops.kernels import antiquant_weight, prepare_w8a16_weight
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -45,7 +45,7 @@ def bench_shape(k: int, n: int, ms: list[int], repeats: int, dtype: torch.dtype)
     w = prepare_w8a16_weight(torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8))
     scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(dtype)
     w_nk = w.t()
-    w_bf16 = dequantize_weight(w, scale, None, 0, dtype)
+    w_bf16 = antiquant_weight(w, scale, None, 0, dtype)
     crossover = mm_cross = None
     print(f"k={k} n={n} dtype={dtype} threads={torch.get_num_threads()}")
     print(
@@ -58,10 +58,10 @@ def bench_shape(k: int, n: int, ms: list[int], repeats: int, dtype: torch.dtype)
             return torch._weight_int8pack_mm(x, w_nk, scale)
 
         def golden_bf16(x: torch.Tensor = x) -> torch.Tensor:
-            return torch.matmul(x, dequantize_weight(w, scale, None, 0, dtype))
+            return torch.matmul(x, antiquant_weight(w, scale, None, 0, dtype))
 
         def golden_f32(x: torch.Tensor = x) -> torch.Tensor:
-            wd = dequantize_weight(w, scale, None, 0, dtype)
+            wd = antiquant_weight(w, scale, None, 0, dtype)
             return torch.matmul(x.float(), wd.float()).to(dtype)
 
         def mm_bf16(x: torch.Tensor = x) -> torch.Tensor:

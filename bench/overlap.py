@@ -1,9 +1,11 @@
 """An overlap model of the fused MC2 kernel (npu_mm_all_reduce_base) -- a MODEL, not a measurement.
 
 What the kernel does (KERNELS.md, "Inside npu_mm_all_reduce_base"): it splits the matmul along M
-into at most 16 rounds of at most two chunk lengths, 128-row aligned, and commits each chunk's
-all-reduce (HCCL / AICPU side) while the cube units compute the next chunk. Comm-bound shapes put
-the short chunk first, compute-bound ones last.
+into at most 16 rounds of at most two chunk lengths, 128-row aligned and no shorter than its
+minimum tile (none below twice that: ``ascend_ops.contract.kernel_tile_rows`` /
+``kernel_splits_m``, the rule tp_layers.phase follows), and commits each chunk's all-reduce
+(HCCL / AICPU side) while the cube units compute the next chunk. Comm-bound shapes put the short
+chunk first, compute-bound ones last.
 
 The model, given the unfused matmul time ``T_mm`` and all-reduce time ``T_comm`` of the whole M:
 
@@ -30,6 +32,15 @@ import itertools
 import math
 from collections.abc import Sequence
 
+from ascend_ops.contract import (
+    MIN_TILE_ROWS,
+    NO_SPLIT_BELOW_ROWS,
+    allreduce_us,
+    kernel_splits_m,
+    kernel_tile_rows,
+    matmul_us,
+)
+
 __all__ = [
     "CASES",
     "DEFAULT_PARAMS",
@@ -39,6 +50,7 @@ __all__ = [
     "allreduce_us",
     "calibrate",
     "candidate_chunkings",
+    "first_split_m",
     "matmul_us",
     "predict",
     "predict_shape",
@@ -158,18 +170,23 @@ def simulate(
     return t
 
 
-def candidate_chunkings(m: int, short_first: bool) -> list[tuple[int, ...]]:
+def candidate_chunkings(
+    m: int, short_first: bool, min_len: int = ROW_ALIGN
+) -> list[tuple[int, ...]]:
     """Every split of m rows into <= 16 rounds of at most two lengths, 128-row aligned (the
-    last / first chunk takes a non-aligned remainder), short chunk first when ``short_first``."""
+    last / first chunk takes a non-aligned remainder), no chunk shorter than ``min_len`` (the
+    kernel's minimum tile, ``ascend_ops.contract.kernel_tile_rows``), short chunk first when
+    ``short_first``. No split at all below 2 * min_len rows, as the kernel."""
     out: set[tuple[int, ...]] = {(m,)}
-    if m < 2 * ROW_ALIGN:
+    if m < 2 * min_len:
         return [(m,)]
-    for long_len in range(ROW_ALIGN, m, ROW_ALIGN):
+    first_long = max(ROW_ALIGN, -(-min_len // ROW_ALIGN) * ROW_ALIGN)
+    for long_len in range(first_long, m, ROW_ALIGN):
         for count in range(1, MAX_ROUNDS):
             short = m - long_len * count
             if short <= 0:
                 break
-            if short > long_len:
+            if short > long_len or short < min_len:
                 continue
             chunks = (
                 (short, *([long_len] * count)) if short_first else (*([long_len] * count), short)
@@ -186,11 +203,12 @@ def predict(
     comm_us: float,
     params: ModelParams | None = None,
     chunks: Sequence[int] | None = None,
+    min_len: int = ROW_ALIGN,
 ) -> Prediction:
     """Fused vs unfused time for M = m rows with the given unfused matmul / all-reduce times.
 
-    chunks: a fixed chunking; default: the best of ``candidate_chunkings`` (short chunk first
-    when comm-bound, as the vendor's tiling does)."""
+    chunks: a fixed chunking; default: the best of ``candidate_chunkings`` with chunks of at
+    least ``min_len`` rows (short chunk first when comm-bound, as the vendor's tiling does)."""
     params = params or DEFAULT_PARAMS
     if chunks is not None:
         if sum(chunks) != m:
@@ -199,36 +217,14 @@ def predict(
         fused = simulate(best, m, mm_us, comm_us, params)
     else:
         best, fused = (m,), math.inf
-        for c in candidate_chunkings(m, short_first=comm_us >= mm_us):
+        for c in candidate_chunkings(m, comm_us >= mm_us, min_len):
             t = simulate(c, m, mm_us, comm_us, params)
             if t < fused - 1e-9:
                 best, fused = c, t
     return Prediction(mm_us, comm_us, mm_us + comm_us, fused, best)
 
 
-# -- cost models from the vendor tiling code (KERNELS.md), us ---------------------------------
-
-
-def allreduce_us(m: int, n: int, bytes_per_el: int = 2) -> float:
-    """Vendor tiling estimate of an all-reduce of an (m, n) output (Atlas A2, 1.15 margin)."""
-    x = m * n * bytes_per_el / 2**20
-    if x * 2**20 < 64 * 1024:
-        base = 18.0
-    elif x < 8:
-        base = -0.9698 * x * x + 27.06 * x + 14.77
-    else:
-        base = 13.585 * x + 61.5
-    return base * 1.15
-
-
-def matmul_us(m: int, n: int, k: int, bytes_per_el: int = 2, cores: int = 24) -> float:
-    """Vendor tiling estimate of an (m, k) x (k, n) matmul (util by L2 footprint, x0.7 for
-    k % 128 != 0). ``cores``: AI (cube) cores of the chip (24 on an Atlas 800T A2 910B2)."""
-    footprint = (m * k + k * n + m * n) * bytes_per_el / 2**20
-    util = 0.85 if footprint <= 128 else 0.75 if footprint <= 192 else 0.65
-    if k % 128:
-        util *= 0.7
-    return max(m, 128) * n * k / (4096 * 1800 * cores * util)
+# -- cost models: the vendor tiling's (ascend_ops.contract), scaled to case 1 ------------------
 
 
 def _cost_scales() -> tuple[float, float]:
@@ -245,19 +241,31 @@ def predict_shape(
     bytes_per_el: int = 2,
     params: ModelParams | None = None,
 ) -> Prediction:
-    """predict() for a shape, times from the vendor cost models scaled to case 1. ``k`` is the
-    per-rank k (a row-parallel layer's k / TP); the all-reduce model is the vendor's (8-rank)
-    one for every world size (it has no world-size term)."""
+    """predict() for a shape, times from the vendor cost models scaled to case 1, chunks no
+    shorter than the kernel's minimum tile (no split where ``kernel_splits_m`` says so). ``k``
+    is the per-rank k (a row-parallel layer's k / TP); the all-reduce model is the vendor's
+    (8-rank) one for every world size (it has no world-size term)."""
     s_mm, s_comm = _cost_scales()
     return predict(
         m,
         matmul_us(m, n, k, bytes_per_el) * s_mm,
         allreduce_us(m, n, bytes_per_el) * s_comm,
         params,
+        min_len=kernel_tile_rows(m, n, k, bytes_per_el),
     )
 
 
+def first_split_m(n: int, k: int, bytes_per_el: int = 2, limit: int = 1 << 16) -> int | None:
+    """Smallest m at which the kernel splits M for a per-rank (k, n) weight (None up to limit)."""
+    return next((m for m in range(1, limit) if kernel_splits_m(m, n, k, bytes_per_el)), None)
+
+
 # -- calibration -----------------------------------------------------------------------------
+
+
+def _case_tile(case: PublishedCase) -> int:
+    """The kernel's minimum tile for a published case (fp16 output)."""
+    return kernel_tile_rows(case.m, case.n, case.k)
 
 
 def _case_error(params: ModelParams) -> float:
@@ -265,7 +273,7 @@ def _case_error(params: ModelParams) -> float:
     case 1's best chunking vs the middle of its 26-34% range, case 2's vendor chunking vs 1262 us."""
     err = 0.0
     for case in CASES:
-        p = predict(case.m, case.mm_us, case.comm_us, params, case.chunks)
+        p = predict(case.m, case.mm_us, case.comm_us, params, case.chunks, _case_tile(case))
         lo, hi = case.fused_us
         target = 100.0 * (1 - (lo + hi) / 2 / case.unfused_us)
         err += (p.speedup_pct - target) ** 2
@@ -288,7 +296,7 @@ def calibrate() -> ModelParams:
 
 # Result of calibrate() (kept as a constant so that predictions need no fit; the test checks
 # that calibrate() still returns it).
-DEFAULT_PARAMS = ModelParams(fixed_us=21.5, kappa=0.0)
+DEFAULT_PARAMS = ModelParams(fixed_us=21.0, kappa=0.0)
 
 
 # -- where the fused path pays ---------------------------------------------------------------
@@ -308,7 +316,8 @@ def threshold_table(
     params: ModelParams | None = None,
 ) -> list[dict]:
     """Per LLM shape and TP: the modelled speedup (%) of fused over unfused at each M, and
-    the smallest M where the fused path is >= 5% faster (``pays_from``)."""
+    the smallest M where the fused path is >= 5% faster (``pays_from``), and the smallest M at
+    which the kernel splits M at all (``kernel_splits_from_m``, the tp_layers.phase switch)."""
     rows = []
     for (name, k, n), tp in itertools.product(LLM_SHAPES, tps):
         preds = {m: predict_shape(m, n, k // tp, params=params) for m in ms}
@@ -324,6 +333,7 @@ def threshold_table(
                 "chunks": {m: list(p.chunks) for m, p in preds.items()},
                 "first_gain_m": gains,
                 "pays_from_m": pays,
+                "kernel_splits_from_m": first_split_m(n, k // tp),
             }
         )
     return rows
@@ -340,9 +350,11 @@ def run(quick: bool = False) -> list:
     targets, cal_rows, cal = [], [], []
     for case in CASES:
         fixed = (
-            predict(case.m, case.mm_us, case.comm_us, params, case.chunks) if case.chunks else None
+            predict(case.m, case.mm_us, case.comm_us, params, case.chunks, _case_tile(case))
+            if case.chunks
+            else None
         )
-        best = predict(case.m, case.mm_us, case.comm_us, params)
+        best = predict(case.m, case.mm_us, case.comm_us, params, min_len=_case_tile(case))
         lo, hi = case.fused_us
         pub_pct = (100 * (1 - hi / case.unfused_us), 100 * (1 - lo / case.unfused_us))
         shown = fixed or best
@@ -382,7 +394,7 @@ def run(quick: bool = False) -> list:
     ms = list(table[0]["speedup_pct"])
     print_table(
         "modelled fused speedup (%) over unfused on Atlas A2, fp16, by tokens M (row-parallel layers)",
-        ("layer", "TP", "k/rank", "n", *(f"M={m}" for m in ms), "pays>=5% from"),
+        ("layer", "TP", "k/rank", "n", *(f"M={m}" for m in ms), "pays>=5% from", "splits from"),
         [
             (
                 r["layer"],
@@ -391,6 +403,7 @@ def run(quick: bool = False) -> list:
                 r["n"],
                 *(r["speedup_pct"][m] for m in ms),
                 r["pays_from_m"],
+                r["kernel_splits_from_m"],
             )
             for r in table
         ],
@@ -419,10 +432,10 @@ def _plot(table: list[dict], ms: list[int]) -> None:
             ms, [r["speedup_pct"][m] for m in ms], marker=".", label=f"{r['layer']} TP{r['tp']}"
         )
     ax.set_xscale("log", base=2)
-    ax.axvline(64, color="r", ls="--", lw=0.8)
-    ax.text(64, 1, " current default 64", color="r", fontsize=7)
-    ax.axvline(256, color="g", ls="--", lw=0.8)
-    ax.text(256, 3, " 256: first split possible", color="g", fontsize=7)
+    ax.axvline(MIN_TILE_ROWS, color="g", ls="--", lw=0.8)
+    ax.text(MIN_TILE_ROWS, 3, " 384: minimum tile", color="g", fontsize=7)
+    ax.axvline(NO_SPLIT_BELOW_ROWS, color="r", ls="--", lw=0.8)
+    ax.text(NO_SPLIT_BELOW_ROWS, 1, " 768: 2 x minimum tile", color="r", fontsize=7)
     ax.set_xlabel("tokens M")
     ax.set_ylabel("modelled fused speedup over unfused (%)")
     ax.set_title("MC2 overlap MODEL (calibrated to the vendor's published cases)", fontsize=9)

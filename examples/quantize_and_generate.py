@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         dist.barrier()  # the other ranks wait for rank 0's checkpoints
 
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    fmodel = tp_layers.load_pretrained(args.model, tp, dtype=torch.bfloat16)
+    fmodel = tp_layers.load_pretrained(args.model, tp, dtype=torch.bfloat16, pad_heads=True)
     ftokens = run(fmodel, ids, args.max_new_tokens, pad)
     seq = torch.cat([ids[0], ftokens]).unsqueeze(0)
     with torch.no_grad():
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     del fmodel
     rows = [("float", 1.0, None, 0.0, 1.0, tok.decode(ftokens, skip_special_tokens=True))]
     for name in todo:
-        model = tp_layers.load_pretrained(dirs[name], tp, dtype=torch.bfloat16)
+        model = tp_layers.load_pretrained(dirs[name], tp, dtype=torch.bfloat16, pad_heads=True)
         qtokens = run(model, ids, args.max_new_tokens, pad)
         with torch.no_grad():
             qlogits = model(seq).logits.float()[0, ids.shape[1] - 1 : -1]

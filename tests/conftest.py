@@ -12,6 +12,7 @@ _TESTS_DIR = str(Path(__file__).resolve().parent)
 if _TESTS_DIR not in sys.path:
     sys.path.insert(0, _TESTS_DIR)
 
+import npu_conformance  # noqa: E402
 import npu_double  # noqa: E402  (import as top-level `npu_double`, never `tests.npu_double`)
 
 
@@ -31,6 +32,37 @@ def torch_npu_double(monkeypatch: pytest.MonkeyPatch) -> Iterator[npu_double.Tor
         yield double
     finally:
         npu_double.deactivate()
+
+
+@pytest.fixture(params=npu_conformance.IMPLS)
+def npu_impl(request: pytest.FixtureRequest) -> str:
+    """What the Ascend backend runs on: ``"double"`` (the strict double) or a torch_npu release
+    of the conformance matrix (its real schemas and meta functions, tests/npu_conformance.py).
+
+    A release is fetched on first use; the test is skipped only when the package index cannot
+    be reached. Run bodies with ``npu_conformance.run_on(npu_impl, world_size, fn, ...)``.
+    """
+    impl: str = request.param
+    if impl != "double":
+        try:
+            npu_conformance.ensure(impl)
+        except npu_conformance.IndexUnavailable as e:
+            pytest.skip(f"torch_npu {impl} conformance: {e}")
+    return impl
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Run the tests on torch_npu releases last, grouped by release, so that each release's
+    worker pool is spawned once (tests/npu_conformance.run_on keeps one release alive)."""
+    order = {impl: i for i, impl in enumerate(npu_conformance.VERSIONS)}
+
+    def release(item) -> int:
+        callspec = getattr(item, "callspec", None)
+        impl = callspec.params.get("npu_impl") if callspec is not None else None
+        return order.get(impl, -1)
+
+    keyed = [(release(it), i, it) for i, it in enumerate(items)]
+    items[:] = [it for _, _, it in sorted(keyed, key=lambda t: (t[0], t[1]))]
 
 
 # Hypothesis: derandomized in CI (reproducible), a fixed example budget everywhere.

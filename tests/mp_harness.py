@@ -181,13 +181,15 @@ class RankPool:
                 p.join(timeout=2)
 
 
-_pools: dict[int, RankPool] = {}
+_pools: dict[tuple[int, str], RankPool] = {}
 
 
-def get_pool(world_size: int) -> RankPool:
-    pool = _pools.get(world_size)
+def get_pool(world_size: int, pool_key: str = "") -> RankPool:
+    """The reused pool of ``world_size`` ranks; a non-empty ``pool_key`` reserves a separate
+    pool (e.g. one per torch_npu release of the conformance matrix)."""
+    pool = _pools.get((world_size, pool_key))
     if pool is None or not pool.alive():
-        pool = _pools[world_size] = RankPool(world_size)
+        pool = _pools[world_size, pool_key] = RankPool(world_size)
     return pool
 
 
@@ -197,15 +199,17 @@ def run_ranks(
     *args: Any,
     timeout: float = DEFAULT_TIMEOUT,
     raise_on_error: bool = True,
+    pool_key: str = "",
     **kwargs: Any,
 ) -> list[Any]:
-    """Run ``fn`` on ``world_size`` reused gloo ranks. Returns per-rank values, or per-rank
-    RankOutcome when ``raise_on_error`` is False. A timeout always raises (pool re-spawned)."""
-    pool = get_pool(world_size)
+    """Run ``fn`` on ``world_size`` reused gloo ranks (of the pool ``pool_key``). Returns per-rank
+    values, or per-rank RankOutcome when ``raise_on_error`` is False. A timeout always raises
+    (pool re-spawned)."""
+    pool = get_pool(world_size, pool_key)
     try:
         outcomes = pool.run(fn, *args, timeout=timeout, **kwargs)
     except TimeoutError:
-        _pools.pop(world_size, None)
+        _pools.pop((world_size, pool_key), None)
         raise
     if not raise_on_error:
         return outcomes
@@ -216,6 +220,12 @@ def run_ranks(
         )
         raise RankError(f"{fn.__qualname__} failed on ranks {[o.rank for o in failed]}{detail}")
     return [o.value for o in outcomes]
+
+
+def close_pools(pool_key: str) -> None:
+    """Shut down the pools reserved under ``pool_key`` (every world size)."""
+    for key in [k for k in _pools if k[1] == pool_key]:
+        _pools.pop(key).close()
 
 
 def shutdown_pools() -> None:

@@ -251,12 +251,15 @@ def test_plan_errors_name_the_entry() -> None:
         ValueError, match=r"targets model.layers.0.input_layernorm \(LlamaRMSNorm\)"
     ):
         parallelize(model, _fake_tp(2), plan={"*.input_layernorm": "colwise"})
-    plans = resolve_plan(model)  # the config's base_model_tp_plan, under "model."
+    plans = resolve_plan(model)  # base_model_tp_plan under "model.", lm_head, embedding
     assert {p.name for p in plans} >= {
         "model.layers.1.self_attn.o_proj",
         "model.layers.0.mlp.up_proj",
     }
-    assert all(p.name.startswith("model.layers.") for p in plans)
+    styles = {p.name: p.style for p in plans}
+    assert styles.pop("model.embed_tokens") == "embedding_rowwise"
+    assert styles.pop("lm_head") == "colwise_gather_output"
+    assert all(name.startswith("model.layers.") for name in styles)
 
 
 def test_user_plan_and_quant_dict() -> None:

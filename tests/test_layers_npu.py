@@ -1,14 +1,14 @@
-"""The layers on the Ascend backend, through the strict torch_npu double: prefill issues exactly
-one npu_mm_all_reduce_base per row layer and no separate all-reduce; decode issues none and one
-all-reduce; quantized weights arrive FRACTAL_NZ, scales in the documented dtypes; results equal
-the portable backend's."""
+"""The layers on the Ascend backend, through the strict torch_npu double and every torch_npu
+release of the conformance matrix: prefill issues exactly one npu_mm_all_reduce_base per row
+layer and no separate all-reduce; decode issues none and one all-reduce; quantized weights
+arrive FRACTAL_NZ, scales in the documented dtypes; results equal the portable backend's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from layer_cases import SCHEMES, make_input, make_linear
-from mp_harness import run_ranks
+from npu_conformance import install_impl, run_on, uninstall_impl
 
 K, N = 256, 64
 
@@ -35,9 +35,7 @@ def _row_layer(scheme_name: str, dtype: torch.dtype, tp):
     return layer
 
 
-def _npu_body(rank: int, ws: int, scheme_name: str, dtype_name: str) -> None:
-    from npu_double import install_double, uninstall_double
-
+def _npu_body(rank: int, ws: int, impl: str, scheme_name: str, dtype_name: str) -> None:
     import ascend_ops
     import tp_layers as tl
 
@@ -52,7 +50,7 @@ def _npu_body(rank: int, ws: int, scheme_name: str, dtype_name: str) -> None:
             want_d = portable(xd)
     from ascend_ops import _portable
 
-    double = install_double()
+    double = install_impl(impl)
     # count the library's separate all-reduce (the double's fused op emulates HCCL with its own
     # dist.all_reduce, which must not be counted)
     calls = {"all_reduce": 0}
@@ -102,9 +100,14 @@ def _npu_body(rank: int, ws: int, scheme_name: str, dtype_name: str) -> None:
                 got_d = layer(xd)
             assert not double.calls_named("npu_mm_all_reduce_base")
             assert calls["all_reduce"] == 1, calls
+            if scheme_name.startswith("w8a8") and dtype == torch.bfloat16:
+                # the unfused matmul takes the dequant scale as float32 (the fused op: bf16)
+                (qmm,) = double.calls_named("npu_quant_matmul")
+                assert qmm.args["scale"].dtype == torch.float32
+                assert qmm.args["output_dtype"] == torch.bfloat16
     finally:
         _portable.all_reduce = real_all_reduce
-        uninstall_double()
+        uninstall_impl(impl)
     u = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
     for got, want in ((got_p, want_p), (got_d, want_d)):
         tol = 4 * u * want.double().abs() + 4 * u
@@ -125,5 +128,5 @@ def _npu_body(rank: int, ws: int, scheme_name: str, dtype_name: str) -> None:
         ("w8a8_dynamic", "float16"),
     ],
 )
-def test_row_layer_on_ascend_backend(scheme_name: str, dtype_name: str) -> None:
-    run_ranks(2, _npu_body, scheme_name, dtype_name)
+def test_row_layer_on_ascend_backend(npu_impl: str, scheme_name: str, dtype_name: str) -> None:
+    run_on(npu_impl, 2, _npu_body, scheme_name, dtype_name)

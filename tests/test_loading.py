@@ -544,3 +544,50 @@ def test_sharded_parameters_survive_deepcopy_and_pickle() -> None:
                 q.raw_dtype,
             )
         assert other.weight.partition_dim == 1
+
+
+def test_skip_leaves_a_layer_to_the_caller_and_keeps_strict(tmp_path: Path) -> None:
+    import tp_layers as tl
+    from tp_layers.loader import load_layer
+
+    tensors = _full_tensors("fp")
+    ckpt = write_checkpoint(tmp_path / "c", tensors, "fp")
+    block = TinyBlock("fp", device="meta")
+    report = tl.load_weights(block, ckpt, skip=["down"])  # strict: down.* are not unexpected
+    assert block.down.weight.device.type == "meta" and block.up.weight.device.type == "cpu"
+    assert not any(n.startswith("down.") for n in report.loaded) and not report.unexpected
+    load_layer(block.down, {n: tensors[f"down.{n}"] for n in ("weight", "bias")})
+    ref = TinyBlock("fp")
+    tl.load_weights(ref, ckpt)
+    x = make_input((2, 3, K), seed=1)
+    assert torch.equal(block(x), ref(x))
+    tensors["extra.weight"] = torch.ones(2)
+    ckpt2 = write_checkpoint(tmp_path / "c2", tensors, "fp")
+    with pytest.raises(tl.CheckpointError, match=r"unexpected tensors.*extra\.weight"):
+        tl.load_weights(TinyBlock("fp", device="meta"), ckpt2, skip=["down"])
+    with pytest.raises(ValueError, match=r"skip: not parallel layers of the module: \['norm'\]"):
+        tl.load_weights(TinyBlock("fp", device="meta"), ckpt, skip=["norm"])
+
+
+@pytest.mark.parametrize("edge", [False, True])
+def test_padded_source_reads_only_stored_rows(tmp_path: Path, edge: bool) -> None:
+    from quant.checkpoint import CheckpointReader
+    from tp_layers.sharding import Padded, SourcePadding, full_shape, read_range
+
+    t = torch.arange(1, 13, dtype=torch.float32).reshape(6, 2)
+    save_file({"t": t}, str(tmp_path / "model.safetensors"))
+    want = torch.cat([t, t[-1:].expand(2, 2) if edge else torch.zeros(2, 2)])
+    pad = SourcePadding(0, 3, 4)  # 6 stored rows -> 8
+    assert pad.apply(t, (8, 2), edge).get_shape() == [8, 2]
+    assert pad.apply(want, (8, 2), edge) is want  # already padded
+    assert pad.apply(t, (9, 2), edge) is t  # not in proportion: the shape check fails later
+    with CheckpointReader(tmp_path) as reader:
+        for source in (t, reader.tensor("t")):
+            p = Padded(source, 0, 8, edge)
+            assert full_shape(p) == (8, 2)
+            for start, length in ((0, 8), (4, 4), (6, 2), (5, 3)):
+                out = torch.full((length, 2), -1.0, dtype=torch.bfloat16)
+                read_range(p, 0, start, length, out=out)
+                assert torch.equal(out, want[start : start + length].bfloat16())
+            assert torch.equal(read_range(p, None, 0, 0), want)
+            assert torch.equal(read_range(p, 1, 1, 1), want[:, 1:])

@@ -14,10 +14,16 @@ embeddings, since RoPE moves its frequencies to ``torch.cuda.current_device()``.
 from __future__ import annotations
 
 import importlib.util
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from mp_harness import run_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from megatron_gpt import CpuMemoryBuffer as _CpuMemoryBuffer
+from megatron_gpt import build_gpt, gpt_config
 
 pytestmark = [
     pytest.mark.megatron,
@@ -38,45 +44,12 @@ ATOL = 1e-5
 Q_RTOL = 0.01
 
 
-def _config(tp: int, **over):
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    kw = dict(
-        num_layers=2,
-        hidden_size=64,
-        ffn_hidden_size=128,
-        num_attention_heads=4,
-        num_query_groups=2,
-        tensor_model_parallel_size=tp,
-        use_cpu_initialization=True,
-        add_bias_linear=True,
-        gated_linear_unit=True,  # linear_fc1 with stride 2: [gate_r | up_r] per rank
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        params_dtype=torch.float32,
-    )
-    return TransformerConfig(**{**kw, **over})
+def _config(tp: int):
+    return gpt_config(tp)  # fp32, gated MLP (linear_fc1 with stride 2: [gate_r | up_r] per rank)
 
 
 def _gpt(config, spec, seed: int):
-    from megatron.core.models.gpt import GPTModel
-
-    torch.manual_seed(seed)
-    return GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=VOCAB,
-        max_sequence_length=SEQ,
-        position_embedding_type="learned_absolute",  # RoPE moves inv_freq to CUDA
-    ).eval()
-
-
-class _CpuMemoryBuffer:
-    """Megatron's global memory buffer allocates on ``torch.cuda.current_device()``; the
-    attention scores buffer (used with beta=0) is allocated on the CPU instead."""
-
-    def get_tensor(self, tensor_shape, dtype, name, mem_alloc_context=None) -> torch.Tensor:
-        return torch.empty(tensor_shape, dtype=dtype)
+    return build_gpt(config, spec, VOCAB, SEQ, seed)
 
 
 class _Calls:

@@ -18,7 +18,7 @@ import importlib.util
 import pytest
 import torch
 from mp_harness import run_ranks
-from test_megatron import ATOL, BATCH, SEQ, VOCAB, _config, _CpuMemoryBuffer, _gpt
+from test_megatron import ATOL, BATCH, SEQ, VOCAB, _CpuMemoryBuffer, _gpt, gpt_config
 
 pytestmark = [
     pytest.mark.megatron,
@@ -31,7 +31,7 @@ pytestmark = [
 
 
 def _sp_config(tp: int):
-    return _config(tp, hidden_size=256, ffn_hidden_size=512, sequence_parallel=True)
+    return gpt_config(tp, hidden_size=256, ffn_hidden_size=512, sequence_parallel=True)
 
 
 class _Norm:

@@ -159,3 +159,147 @@ def _all_reduce_body(rank: int, ws: int) -> None:
 
 def test_all_reduce() -> None:
     run_ranks(2, _all_reduce_body)
+
+
+def _local_hcom_in_multi_rank_job(rank: int, ws: int) -> list[str]:
+    import ascend_ops as ao
+
+    x1, x2 = torch.randn(4, 8), torch.randn(8, 6)
+    messages = []
+    for call in (
+        lambda: ao.mm_all_reduce_base(x1, x2, ao.LOCAL_HCOM),
+        lambda: ao.all_reduce(x1, ao.LOCAL_HCOM),
+        lambda: ao.all_gather(x1, ao.LOCAL_HCOM),
+    ):
+        try:
+            with torch.no_grad():
+                call()
+        except ValueError as e:
+            messages.append(str(e))
+        else:
+            messages.append("no error")
+    return messages
+
+
+@pytest.mark.parametrize("ws", [2, 4])
+def test_local_hcom_refused_in_a_multi_rank_job(ws: int) -> None:
+    """hcom="local" would skip the reduction on every rank (each keeps its partial sum)."""
+    for rank, messages in enumerate(run_ranks(ws, _local_hcom_in_multi_rank_job)):
+        for msg in messages:
+            assert msg.startswith("hcom: 'local' names a world-size-1 domain"), msg
+            assert f"rank {rank} of an initialised {ws}-rank job" in msg
+            assert "reduce_results=False" in msg and msg.endswith("(C4)")
+
+
+def test_local_hcom_still_works_without_torch_distributed() -> None:
+    x1, x2 = torch.randn(4, 8), torch.randn(8, 6)
+    with torch.no_grad():
+        out = ascend_ops.mm_all_reduce_base(x1, x2, ascend_ops.LOCAL_HCOM)
+    assert torch.allclose(out, x1 @ x2, atol=1e-5)
+
+
+# -- the kernel's rounding order, exactly ------------------------------------------------------
+# Integer-valued operands make every product sum exact in float32, so the only roundings left are
+# the ones the kernel makes; the model below states them in float64 with explicit casts
+# (hicann/ops-transformer mc2/matmul_all_reduce/op_kernel: matmul_all_reduce_add_x3.h,
+# matmul_all_reduce_quant_perchannel.h, matmul_all_reduce_quant_reduce_sum.h,
+# matmul_all_reduce_dequant_perchannel.h).
+
+
+def _exact_inputs(scenario: str, dt: torch.dtype, comm_quant: bool) -> dict:
+    g = torch.Generator().manual_seed(7)
+    m, k, n = 6, 32, 16
+    t: dict = {}
+    if scenario == "w8a8":
+        t["x1"] = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+        t["x2"] = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+        t["bias"] = torch.randint(-5000, 5000, (n,), generator=g, dtype=torch.int32)
+        t["dequant_scale"] = torch.full((n,), 2.0**-6, dtype=torch.bfloat16)
+        if dt == torch.float16:
+            t["dequant_scale"] = ascend_ops.trans_quant_param(torch.full((n,), 2.0**-6))
+    else:
+        t["x1"] = torch.randint(-16, 16, (m, k), generator=g).to(dt)
+        if scenario == "w8a16":
+            t["x2"] = torch.randint(-128, 128, (k, n), generator=g, dtype=torch.int8)
+            t["antiquant_scale"] = torch.full((n,), 2.0**-3, dtype=dt)
+        else:
+            t["x2"] = torch.randint(-16, 16, (k, n), generator=g).to(dt)
+        t["bias"] = torch.randint(-300, 300, (n,), generator=g).to(dt)
+    t["x3"] = (torch.randn(m, n, generator=g) * 40).to(dt)
+    if comm_quant:
+        t["comm_quant_scale_1"] = (torch.rand(n, generator=g) * 0.5 + 0.7).to(dt)
+        t["comm_quant_scale_2"] = (torch.rand(n, generator=g) * 2 + 3).to(dt)
+    return t
+
+
+def _exact_shard(t: dict, rank: int, ws: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    k = t["x1"].shape[1]
+    sl = slice(rank * k // ws, (rank + 1) * k // ws)
+    kw = {a: v for a, v in t.items() if a not in ("x1", "x2", "bias", "x3")}
+    if rank == 0:
+        kw.update(bias=t["bias"], x3=t["x3"])
+    return t["x1"][:, sl].contiguous(), t["x2"][sl], kw
+
+
+def _exact_body(rank: int, ws: int, scenario: str, dt: torch.dtype, cq: bool) -> torch.Tensor:
+    import ascend_ops as ao
+
+    x1, x2, kw = _exact_shard(_exact_inputs(scenario, dt, cq), rank, ws)
+    with torch.no_grad():
+        return ao.mm_all_reduce_base(x1, x2, ao.hcom_name(), **kw)
+
+
+def _model64(t: dict, ws: int, dt: torch.dtype) -> torch.Tensor:
+    """The kernel's rounding order in float64: per rank round(x1 @ w (+ bias) [* scale]) to dt,
+    + x3 (rank 0) rounded to dt; sum rounded to dt (two ranks: one add); or the comm-quant chain."""
+    parts = []
+    for r in range(ws):
+        x1, x2, kw = _exact_shard(t, r, ws)
+        w = x2.double()
+        if "antiquant_scale" in kw:
+            w = w * kw["antiquant_scale"].double()
+        acc = x1.double() @ w
+        if "bias" in kw:
+            acc = acc + kw["bias"].double()
+        if "dequant_scale" in kw:
+            acc = acc * 2.0**-6
+        v = acc.to(dt).double()
+        if "x3" in kw:
+            v = (v + kw["x3"].double()).to(dt).double()
+        parts.append(v)
+    if "comm_quant_scale_1" not in t:
+        total = parts[0]
+        for p in parts[1:]:
+            total = (total + p).to(dt).double()
+        return total
+    s1, s2 = t["comm_quant_scale_1"].double(), t["comm_quant_scale_2"].double()
+    # stage 1: fp16 output divides in half precision, bf16 in float32 then rounds to fp16
+    q = [p / s1 if dt == torch.float16 else (p / s1).float().double() for p in parts]
+    a = [torch.round(x.half().double()).clamp(-128, 127) for x in q]
+    # stage 2: float32 sum times float32(s1 / s2), fp32 -> fp16 -> int8
+    ratio = (s1 / s2).float().double()
+    r = torch.round((sum(a) * ratio).float().half().double()).clamp(-128, 127)
+    return (r * s2).to(dt).double()
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+@pytest.mark.parametrize(
+    ("scenario", "dt", "cq"),
+    [
+        ("fp", torch.bfloat16, False),
+        ("fp", torch.float16, False),
+        ("w8a16", torch.bfloat16, False),
+        ("w8a16", torch.float16, False),
+        ("w8a8", torch.bfloat16, False),
+        ("w8a8", torch.float16, False),
+        ("w8a8", torch.bfloat16, True),
+        ("w8a8", torch.float16, True),
+    ],
+)
+def test_rounding_order_is_the_kernels(ws: int, scenario: str, dt: torch.dtype, cq: bool) -> None:
+    t = _exact_inputs(scenario, dt, cq)
+    want = _model64(t, ws, dt)
+    outs = run_ranks(ws, _exact_body, scenario, dt, cq)
+    for out in outs:
+        assert out.dtype == dt
+        assert torch.equal(out.double(), want), (out.double() - want).abs().max()

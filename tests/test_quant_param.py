@@ -160,3 +160,17 @@ def test_round_trip_offset(scale: float, offset: float) -> None:
     s, o = unpack_quant_param(packed)
     assert s.item() == _f32_from_bits(_bits_of(scale) & 0xFFFFE000)
     assert o.item() == want_off
+
+
+def test_unpack_clears_low_mantissa_bits_of_a_raw_int64() -> None:
+    """A raw int64 scale (not made by trans_quant_param) with its low 13 bits set is read as the
+    kernel reads it: those bits cleared."""
+    bits = _bits_of(0.1)  # 0x3DCCCCCD: low 13 bits 0x0CCD
+    assert bits & 0x1FFF
+    packed = torch.tensor([bits | (1 << 46), bits], dtype=torch.int64)
+    scale, off = unpack_quant_param(packed)
+    want = _f32_from_bits(bits & 0xFFFFE000)
+    assert scale.tolist() == [want, want] and want != _f32_from_bits(bits)
+    assert off.tolist() == [0.0, 0.0]
+    u_scale, _ = unpack_quant_param(packed.view(torch.uint64))
+    assert u_scale.tolist() == [want, want]

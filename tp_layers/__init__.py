@@ -6,6 +6,7 @@ only there, so ``import tp_layers`` works without them.
 """
 
 from tp_layers.context import TPContext, get_tp, init_tp
+from tp_layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tp_layers.linear import (
     ColumnParallelLinear,
     HeadReplicatedColumnLinear,
@@ -36,10 +37,12 @@ __all__ = [
     "load_weights",
     "MergedColumnParallelLinear",
     "ParallelLinearBase",
+    "ParallelLMHead",
     "Phase",
     "QKVParallelLinear",
     "RowParallelLinear",
     "TPContext",
+    "VocabParallelEmbedding",
     "current_phase",
     "gather_tokens",
     "get_tp",

@@ -4,9 +4,12 @@ The layer creates its parameters for its shard (checkpoint layout): one
 :class:`tp_layers.param.ShardedParameter` per checkpoint tensor, each with a
 ``weight_loader(param, loaded, shard_id=None)`` that takes the FULL checkpoint tensor, or a lazy
 safetensors slice, and keeps only this rank's part (tp_layers.sharding: one segment-wise rule
-for every layer). After loading, ``process_weights_after_loading`` (idempotent) installs the
-kernel arguments the scheme's method returns. The row-parallel forward calls the fused
-``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in decode (tp_layers.phase).
+for every layer; ``source_padding`` reads a checkpoint stored without the layer's zero
+padding, e.g. padded heads). After loading, ``process_weights_after_loading`` (idempotent)
+installs the kernel arguments the scheme's method returns (loading protocol:
+tp_layers.param.ShardedModule, shared with the vocab-parallel embedding). The row-parallel
+forward calls the fused ``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in
+decode (tp_layers.phase).
 
 With ``sequence_parallel=True`` activations outside the layers are token-sharded (dim 0,
 tp_layers.sequence): the column layer all-gathers its input tokens fused with the matmul
@@ -21,7 +24,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 
 import ascend_ops
 from ascend_ops._validate import SP_K_MAX, SP_K_MIN
@@ -30,17 +32,10 @@ from tp_layers import sequence as seq
 from tp_layers.comm import gather_last_dim, split_last_dim
 from tp_layers.context import TPContext, get_tp
 from tp_layers.methods import method_for
-from tp_layers.param import ShardedParameter, set_data
+from tp_layers.param import ShardedModule
 from tp_layers.paths import count_path, path_counts, reset_path_counts
 from tp_layers.phase import Phase, current_phase, infer_phase, prefill_threshold
-from tp_layers.sharding import (
-    SHARD_DIM,
-    Segment,
-    full_shape,
-    read_range,
-    shard_ranges,
-    source_dtype,
-)
+from tp_layers.sharding import Segment, SourcePadding
 
 __all__ = [
     "ColumnParallelLinear",
@@ -60,12 +55,8 @@ def _divide(total: int, parts: int, what: str, where: str) -> int:
     return total // parts
 
 
-class ParallelLinearBase(nn.Module):
-    """Shared machinery: parameter creation from the scheme, sharded loading, processing."""
-
-    parallel: str = ""  # "row" | "column"
-    #: valid ``shard_id`` values of ``weight_loader`` (segment i <- shard_ids[i])
-    shard_ids: tuple[Any, ...] = ()
+class ParallelLinearBase(ShardedModule):
+    """Shared machinery: parameters from the scheme (loading and processing: ShardedModule)."""
 
     def __init__(
         self,
@@ -80,10 +71,12 @@ class ParallelLinearBase(nn.Module):
         nz: bool | None = None,
         prefix: str = "",
         device: torch.device | str | None = None,
+        source_padding: SourcePadding | None = None,
         sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.tp = tp if tp is not None else get_tp()
+        self.source_padding = source_padding
         self.sequence_parallel = bool(sequence_parallel)
         self.method = method_for(quant)
         self.scheme = self.method.scheme
@@ -103,11 +96,7 @@ class ParallelLinearBase(nn.Module):
         if "bias" not in self._parameters:
             self.register_parameter("bias", None)
 
-    # -- sizes and parameters --------------------------------------------------------------
-    @property
-    def where(self) -> str:
-        return self.prefix or type(self).__name__
-
+    # -- sizes ------------------------------------------------------------------------------
     @property
     def adds_bias(self) -> bool:
         """True if this rank adds the terms a layer adds once (bias, quant_bias, residual)."""
@@ -115,184 +104,6 @@ class ParallelLinearBase(nn.Module):
 
     def _setup_sizes(self) -> None:
         raise NotImplementedError
-
-    def segments(self, spec: TensorSpec, dim: int) -> list[Segment]:
-        """How checkpoint tensor ``spec`` is split along ``dim`` (its sharded dim)."""
-        raise NotImplementedError
-
-    def add_checkpoint_param(self, spec: TensorSpec) -> None:
-        """Register the local shard of checkpoint tensor ``spec`` as a frozen parameter."""
-        dim = SHARD_DIM[(self.parallel, spec.kind)]
-        shape = list(spec.shape)
-        if dim is not None:
-            shape[dim] = sum(s.local for s in self.segments(spec, dim))
-        data = torch.empty(shape, dtype=spec.storage_dtype, device=self._device)
-        self.register_parameter(spec.name, ShardedParameter(data, spec, dim, self.weight_loader))
-
-    def checkpoint_params(self) -> dict[str, ShardedParameter]:
-        return {
-            n: p for n, p in self.named_parameters(recurse=False) if isinstance(p, ShardedParameter)
-        }
-
-    # -- loading ---------------------------------------------------------------------------
-    def _segment_index(self, shard_id: Any) -> int | None:
-        if shard_id is None:
-            return None
-        if shard_id in self.shard_ids and not isinstance(shard_id, bool):
-            return self.shard_ids.index(shard_id)
-        raise ValueError(
-            f"{self.where}: shard_id must be one of {list(self.shard_ids)}, got {shard_id!r}"
-        )
-
-    def _expected_full(self, p: ShardedParameter, index: int | None) -> tuple[tuple[int, ...], ...]:
-        if p.tp_dim is None:  # a merged layer's one value per segment may come stacked
-            many = index is None and p.spec.kind == "tensor" and len(self.shard_ids) > 1
-            return p.spec.allowed_shapes() + (((len(self.shard_ids),),) if many else ())
-        if index is None:
-            return p.spec.allowed_shapes()
-        size = self.segments(p.spec, p.tp_dim)[index].size
-        return tuple((*s[: p.tp_dim], size, *s[p.tp_dim + 1 :]) for s in p.spec.allowed_shapes())
-
-    def _check_source(
-        self, p: ShardedParameter, loaded: Any, index: int | None, label: str
-    ) -> None:
-        shape, allowed = full_shape(loaded), self._expected_full(p, index)
-        if shape not in allowed:
-            raise ValueError(
-                f"{label}: checkpoint shape {list(shape)} does not match the expected "
-                f"{' or '.join(str(list(s)) for s in allowed)}"
-                + (f" (shard {self.shard_ids[index]!r})" if index is not None else "")
-            )
-        stored = source_dtype(loaded)
-        if stored not in p.spec.allowed_dtypes():
-            raise ValueError(
-                f"{label}: checkpoint dtype {stored} does not match the expected "
-                f"{' or '.join(str(d) for d in p.spec.allowed_dtypes())}"
-            )
-
-    def load_into(
-        self,
-        name: str,
-        dest: torch.Tensor,
-        loaded: Any,
-        shard_id: Any = None,
-        seen: dict[Any, torch.Tensor] | None = None,
-    ) -> None:
-        """Write this rank's part of checkpoint tensor ``loaded`` (full tensor or safetensors
-        slice) for parameter ``name`` into ``dest`` (a tensor of the parameter's raw shape),
-        checked by its spec. ``seen``: per-segment values of a replicated tensor already
-        loaded into ``dest`` (shard id -> value); a merged layer needs them all equal."""
-        p = self.checkpoint_params().get(name)
-        if p is None:
-            raise KeyError(f"{self.where}: no parameter {name!r}")
-        label, index = f"{self.where}.{name}", self._segment_index(shard_id)
-        self._check_source(p, loaded, index, label)
-        if p.tp_dim is None:
-            whole = p.spec.validate(read_range(loaded, None, 0, 0), label).to(dest.dtype)
-            pieces = [(shard_id, whole)]
-            if index is None and full_shape(loaded) not in p.spec.allowed_shapes():  # stacked
-                pieces, seen = list(zip(self.shard_ids, whole.split(1))), {}
-            for sid, part in pieces:
-                if sid is not None and seen is not None:
-                    self._agree(label, sid, part.reshape(dest.shape), seen)
-            dest.copy_(pieces[-1][1].reshape(dest.shape))
-            return
-        for src, length, dst in shard_ranges(self.segments(p.spec, p.tp_dim), index):
-            target = dest.narrow(p.tp_dim, dst, length)
-            if p.spec.values == "any":  # no value checks: read (+ cast) in place
-                read_range(loaded, p.tp_dim, src, length, out=target)
-            else:
-                part = p.spec.validate(read_range(loaded, p.tp_dim, src, length), label)
-                target.copy_(part.reshape(target.shape))
-
-    def load_local(self, name: str, dest: torch.Tensor, t: torch.Tensor) -> None:
-        """Write an already-local checkpoint-layout tensor ``t`` (this rank's shard, e.g. a
-        Megatron shard) for parameter ``name`` into ``dest``, checked by its spec."""
-        p, label = self.checkpoint_params()[name], f"{self.where}.{name}"
-        raw = p.raw_dtype
-        if t.is_floating_point() != raw.is_floating_point or (
-            not raw.is_floating_point and t.dtype != raw
-        ):
-            raise ValueError(
-                f"{label}: dtype must be {raw}"
-                f"{' (or another float dtype)' if raw.is_floating_point else ''}, got {t.dtype}"
-            )
-        if tuple(t.shape) != tuple(p.raw_shape):
-            raise ValueError(
-                f"{label}: local shape must be {list(p.raw_shape)}, got {list(t.shape)}"
-            )
-        dest.copy_(p.spec.validate(t.detach(), label).to(raw))
-
-    @staticmethod
-    def _agree(
-        label: str, shard_id: Any, part: torch.Tensor, seen: dict[Any, torch.Tensor]
-    ) -> None:
-        if shard_id in seen:  # the same segment again: a new load starts
-            seen.clear()
-        for other, value in seen.items():
-            if not torch.equal(value, part):
-                raise ValueError(
-                    f"{label}: segment {shard_id!r} has {part.tolist()}, but segment {other!r} "
-                    f"had {value.tolist()}; a merged layer needs one value for all segments"
-                )
-        seen[shard_id] = part.clone()
-
-    def weight_loader(self, param: ShardedParameter, loaded: Any, shard_id: Any = None) -> None:
-        """vLLM-style loader: keep this rank's shard of ``loaded`` in ``param`` (in place).
-
-        After processing, the first load re-materialises every parameter in checkpoint layout
-        (so no stale processed copy survives) and the layer must be processed again.
-        """
-        name = next(n for n, q in self.checkpoint_params().items() if q is param)
-        if self._processed:
-            self.unprocess()
-        if shard_id is None:
-            param.segments_seen.clear()
-        dest = param.data if param.device.type != "meta" else param.empty()
-        self.load_into(name, dest, loaded, shard_id, param.segments_seen)
-        set_data(self, name, dest)
-
-    def unprocess(self) -> None:
-        """Drop processed tensors: every parameter back to an empty checkpoint-layout tensor."""
-        for p in self.checkpoint_params().values():
-            p.data = p.empty()
-        self._processed = False
-        self.kernel_args = {}
-
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        """The loaded local checkpoint-layout tensors by name (before processing)."""
-        return {n: p.data for n, p in self.checkpoint_params().items()}
-
-    def install(
-        self, args: dict[str, Any] | None, tensors: dict[str, torch.Tensor] | None = None
-    ) -> None:
-        """Commit (cannot fail): ``tensors`` (local checkpoint layout; default: as loaded) into
-        the parameters, then the kernel arguments ``args`` (the method's
-        ``process_weights_after_loading``; None: unprocessed) into use."""
-        for name, t in (tensors or {}).items():
-            set_data(self, name, t)
-        self.kernel_args, self._processed = {}, False
-        if args is not None:
-            args = dict(args)
-            set_data(self, "weight", args.pop("weight"))
-            self.kernel_args, self._processed = args, True
-
-    def process_weights_after_loading(self) -> None:
-        """Transpose / NZ-cast / pack scales for the kernels. Idempotent."""
-        if self._processed:
-            return
-        if any(p.device.type == "meta" for p in self.checkpoint_params().values()):
-            raise RuntimeError(f"{self.where}: weights are not loaded (meta tensors)")
-        with torch.no_grad():
-            self.install(self.method.process_weights_after_loading(self, self.checkpoint_tensors()))
-
-    def _ensure_processed(self) -> None:
-        if not self._processed:
-            if torch.compiler.is_compiling():
-                raise RuntimeError(
-                    f"{self.where}: call process_weights_after_loading() before compiling"
-                )
-            self.process_weights_after_loading()
 
     # -- forward helpers ---------------------------------------------------------------------
     def _check_input(self, x: torch.Tensor, k: int, what: str) -> None:
@@ -600,7 +411,9 @@ class RowParallelLinear(ParallelLinearBase):
         """ "local" (TP 1 / reduce_results=False), "fused" (prefill) or "unfused" (decode)."""
         if self.tp.size == 1 or not self.reduce_results:
             return count_path("local")
-        return count_path("fused" if infer_phase(x) is Phase.PREFILL else "unfused")
+        return count_path(
+            "fused" if infer_phase(x, self.output_size) is Phase.PREFILL else "unfused"
+        )
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

@@ -33,8 +33,7 @@ from torch import nn
 
 from quant.checkpoint import CheckpointReader
 from tp_layers.context import TPContext
-from tp_layers.linear import ParallelLinearBase
-from tp_layers.param import set_data
+from tp_layers.param import ShardedModule, set_data
 
 __all__ = ["CheckpointError", "LoadReport", "agree", "load_layer", "load_weights"]
 
@@ -124,6 +123,7 @@ def load_weights(
     ignore_missing: Iterable[str] = (),
     prefix: str = "",
     process: bool = True,
+    skip: Iterable[str] = (),
 ) -> LoadReport:
     """Load ``module``'s parameters from the safetensors directory ``path`` (atomic, on every
     rank of the layers' TP group together).
@@ -131,11 +131,20 @@ def load_weights(
     prefix: prepended to module state-dict names to get checkpoint names. strict: an unexpected
     checkpoint tensor is an error (else a warning listing them). ignore_missing: glob patterns
     of names that may be absent (e.g. tied ``lm_head.weight``). process: run
-    ``process_weights_after_loading`` on every parallel layer afterwards.
+    ``process_weights_after_loading`` on every parallel layer afterwards. skip: names of
+    parallel layers the caller loads itself (``load_layer``): their checkpoint tensors are
+    neither read nor unexpected.
     """
-    layers = {name: m for name, m in module.named_modules() if isinstance(m, ParallelLinearBase)}
-    tp = next(iter(layers.values())).tp if layers else None
-    opts = (strict, list(ignore_missing), prefix, process)
+    skipped = set(skip)
+    sharded = {name: m for name, m in module.named_modules() if isinstance(m, ShardedModule)}
+    if skipped - sharded.keys():
+        raise ValueError(
+            f"skip: not parallel layers of the module: {sorted(skipped - sharded.keys())}"
+        )
+    layers = {name: m for name, m in sharded.items() if name not in skipped}
+    tp = next(iter(sharded.values())).tp if sharded else None
+    owned = tuple(prefix + name + "." for name in skipped)
+    opts = (strict, list(ignore_missing), prefix, process, owned)
     report, staged, where = agree(tp, lambda: _stage(module, layers, path, *opts))
     if report.unexpected:
         warnings.warn(
@@ -148,12 +157,13 @@ def load_weights(
 
 def _stage(
     module: nn.Module,
-    layers: dict[str, ParallelLinearBase],
+    layers: dict[str, ShardedModule],
     path: str | os.PathLike[str],
     strict: bool,
     ignore: list[str],
     prefix: str,
     process: bool,
+    owned: tuple[str, ...],
 ) -> tuple[LoadReport, list, str]:
     """Read and check everything into staging tensors; the module is not touched."""
     reader = _open(path)
@@ -169,7 +179,7 @@ def _stage(
                 args = layer.method.process_weights_after_loading(layer, dests) if process else None
                 staged.append((layer, args, dests, True))
         for owner_name, owner in module.named_modules():
-            if not isinstance(owner, ParallelLinearBase):
+            if not isinstance(owner, ShardedModule):
                 base = prefix + (owner_name + "." if owner_name else "")
                 _stage_plain(reader, owner, base, staged, consumed, missing, report)
         missing = [m for m in missing if not any(fnmatch.fnmatchcase(m, p) for p in ignore)]
@@ -179,7 +189,8 @@ def _stage(
                 + (" ..." if len(missing) > 20 else "")
             )
         report.unexpected = sorted(
-            set(n for n in reader.names() if n.startswith(prefix)) - consumed
+            set(n for n in reader.names() if n.startswith(prefix) and not n.startswith(owned))
+            - consumed
         )
         where = ", ".join(f"{n} ({reader.info(n).file.name})" for n in report.unexpected[:20])
         if report.unexpected and strict:
@@ -235,7 +246,7 @@ def _stage_plain(
 
 def _stage_layer(
     reader: CheckpointReader,
-    layer: ParallelLinearBase,
+    layer: ShardedModule,
     base: str,
     consumed: set[str],
     missing: list[str],
@@ -270,10 +281,10 @@ def _stage_layer(
     return None if any(base + n in missing for n in dests) else dests
 
 
-def _commit(layers: dict[str, ParallelLinearBase], staged: list) -> None:
+def _commit(layers: dict[str, ShardedModule], staged: list) -> None:
     """Swap the staged tensors (and kernel arguments) in; nothing here can fail."""
     for owner, attr, t, is_param in staged:
-        if isinstance(owner, ParallelLinearBase):
+        if isinstance(owner, ShardedModule):
             owner.install(attr, t)
         elif is_param:
             set_data(owner, attr, t)
@@ -282,7 +293,7 @@ def _commit(layers: dict[str, ParallelLinearBase], staged: list) -> None:
 
 
 def load_layer(
-    layer: ParallelLinearBase,
+    layer: ShardedModule,
     tensors: Mapping[str, torch.Tensor],
     *,
     local: bool = False,

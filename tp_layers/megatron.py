@@ -75,11 +75,11 @@ __all__ = [
 ]
 
 
-def megatron_phase(x: torch.Tensor) -> Phase:
+def megatron_phase(x: torch.Tensor, n: int | None = None) -> Phase:
     """The phase of a Megatron ``[s, b, h]`` activation: the explicit ``tp_layers.phase`` if
-    set, else ``infer_phase`` applied as if the input were ``(b, s, h)`` (s > 1, or at least
-    ``prefill_threshold()`` tokens -> prefill)."""
-    return infer_phase(x.transpose(0, 1) if x.dim() >= 3 else x)
+    set, else ``infer_phase`` (with the layer's output size ``n``) applied as if the input
+    were ``(b, s, h)``."""
+    return infer_phase(x.transpose(0, 1) if x.dim() >= 3 else x, n)
 
 
 def megatron_shard(
@@ -507,7 +507,7 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
         """``[s, b, input_size / tp]`` (or full with ``input_is_parallel=False``) ->
         ``([s, b, output_size], bias or None)``, summed over the TP group; sequence parallel:
         ``[s / tp, b, output_size]`` out (reduce-scattered along s)."""
-        with phase(megatron_phase(input_)):
+        with phase(megatron_phase(input_, self.output_size)):
             out = RowParallelLinear.forward(self, input_)
         if self.skip_bias_add:
             return out

@@ -20,11 +20,10 @@ from typing import Any, Protocol
 import torch
 
 import ascend_ops
+from ascend_ops.contract import FORMAT_NZ
 from quant.schemes import FP, W8A8, W8A16, Scheme, TensorSpec
 
 __all__ = ["FPMethod", "LinearMethod", "W8A8Method", "W8A16Method", "method_for", "register"]
-
-FORMAT_NZ = 29
 
 
 class LinearLayer(Protocol):

@@ -18,7 +18,16 @@ import torch
 
 from quant.checkpoint import StoredTensor, dtype_from_safetensors
 
-__all__ = ["SHARD_DIM", "Segment", "full_shape", "read_range", "shard_ranges", "source_dtype"]
+__all__ = [
+    "SHARD_DIM",
+    "Padded",
+    "Segment",
+    "SourcePadding",
+    "full_shape",
+    "read_range",
+    "shard_ranges",
+    "source_dtype",
+]
 
 # (parallel style, tensor kind (TensorSpec.kind)) -> checkpoint dim split across ranks.
 SHARD_DIM: dict[tuple[str, str], int | None] = {
@@ -66,6 +75,78 @@ def shard_ranges(segments: Sequence[Segment], index: int | None) -> list[tuple[i
     return out
 
 
+class Padded:
+    """A checkpoint tensor (torch tensor, lazy safetensors slice or StoredTensor) seen padded
+    along ``dim`` up to ``length``: zeros, or with ``edge`` copies of its last entry (scales:
+    any finite non-zero value serves all-zero padded weights). A read takes only the stored
+    rows of its range from the source, straight into the destination where the ranks match."""
+
+    def __init__(self, loaded: Any, dim: int, length: int, edge: bool) -> None:
+        self.loaded, self.dim, self.length, self.edge = loaded, dim, length, edge
+        self.stored = full_shape(loaded)[dim]
+        self.dtype = source_dtype(loaded)
+
+    def get_shape(self) -> list[int]:
+        shape = list(full_shape(self.loaded))
+        shape[self.dim] = self.length
+        return shape
+
+    def read(
+        self, dim: int | None, start: int, length: int, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``read_range`` of the padded tensor."""
+        if dim != self.dim:  # the whole padded dim: read, then pad
+            part = read_range(self.loaded, dim, start, length)
+            shape, have = list(part.shape), part.shape[self.dim]
+            shape[self.dim] = self.length
+            buf = part.new_empty(shape)
+            buf.narrow(self.dim, 0, have).copy_(part)
+            self._fill(
+                buf.narrow(self.dim, have, self.length - have), part.narrow(self.dim, have - 1, 1)
+            )
+            return buf if out is None else out.copy_(buf.reshape(out.shape))
+        keep = max(0, min(start + length, self.stored) - start)
+        shape = self.get_shape()
+        shape[dim] = length
+        direct = out is not None and out.dim() == len(shape)
+        buf = out if direct else torch.empty(shape, dtype=self.dtype)
+        if keep:
+            read_range(self.loaded, dim, start, keep, out=buf.narrow(dim, 0, keep))
+        rest = buf.narrow(dim, keep, length - keep)
+        if rest.numel():
+            edge = read_range(self.loaded, dim, self.stored - 1, 1) if self.edge else None
+            self._fill(rest, edge)
+        return buf if out is None or direct else out.copy_(buf.reshape(out.shape))
+
+    def _fill(self, rest: torch.Tensor, last: torch.Tensor | None) -> None:
+        """The padding entries: ``last`` repeated (``edge``) or zeros."""
+        if self.edge and last is not None and rest.numel():
+            rest.copy_(last.expand_as(rest))
+        else:
+            rest.zero_()
+
+
+@dataclass(frozen=True)
+class SourcePadding:
+    """A module holding ``padded`` entries along ``dim`` for every ``stored`` ones of its
+    checkpoint (zero heads, padded vocab rows). Every checkpoint tensor that runs along
+    ``dim`` in that proportion is read padded (:class:`Padded`); one already padded, or not
+    running along ``dim`` (per-tensor values, a row layer's per-channel scales), as stored."""
+
+    dim: int
+    stored: int
+    padded: int
+
+    def apply(self, loaded: Any, want: tuple[int, ...], edge: bool) -> Any:
+        """``loaded`` seen with the expected full shape ``want``, if it is stored unpadded."""
+        shape, d = full_shape(loaded), self.dim
+        if len(shape) <= d or len(want) <= d or shape[d] == want[d] or shape[d] < 2:
+            return loaded
+        if shape[d] * self.padded != want[d] * self.stored:  # not in proportion: let it fail
+            return loaded
+        return Padded(loaded, d, want[d], edge)
+
+
 def full_shape(loaded: Any) -> tuple[int, ...]:
     """Shape of a torch tensor or of a lazy safetensors slice."""
     if isinstance(loaded, torch.Tensor):
@@ -75,7 +156,7 @@ def full_shape(loaded: Any) -> tuple[int, ...]:
 
 def source_dtype(loaded: Any) -> torch.dtype:
     """Stored dtype of a torch tensor, a StoredTensor or a lazy safetensors slice (no read)."""
-    if isinstance(loaded, (torch.Tensor, StoredTensor)):
+    if isinstance(loaded, (torch.Tensor, StoredTensor, Padded)):
         return loaded.dtype
     return dtype_from_safetensors(loaded.get_dtype())
 
@@ -89,7 +170,7 @@ def read_range(
     disk. With ``out`` (same number of elements; cast to its dtype) the range is written there
     and ``out`` returned: a StoredTensor reads straight into it, without an intermediate tensor.
     """
-    if isinstance(loaded, StoredTensor):
+    if isinstance(loaded, (StoredTensor, Padded)):
         return loaded.read(dim, start, length, out=out)
     shape = full_shape(loaded)
     if dim is None:
