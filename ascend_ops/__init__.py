@@ -17,9 +17,11 @@ from ascend_ops.kernels import (
 from ascend_ops.op import (
     all_gather,
     all_gather_base_mm,
+    all_gather_dim0,
     all_reduce,
     mm_all_reduce_base,
     mm_reduce_scatter_base,
+    reduce_scatter_dim0,
 )
 from ascend_ops.quant_param import trans_quant_param, unpack_quant_param
 
@@ -31,6 +33,7 @@ __all__ = [
     "Scenario",
     "all_gather",
     "all_gather_base_mm",
+    "all_gather_dim0",
     "all_reduce",
     "antiquant_weight",
     "check_mm_all_reduce_base",
@@ -43,6 +46,7 @@ __all__ = [
     "npu_available",
     "quant_matmul",
     "quantize",
+    "reduce_scatter_dim0",
     "resolve_hcom",
     "trans_quant_param",
     "unpack_quant_param",

@@ -608,3 +608,30 @@ def mm_reduce_scatter_base(
         lambda: _reduce_scatter_single(out, vc, group=group),
     )
     return out
+
+
+# -- unfused token-dim collectives (sequence-parallel decode / schemes the MC2 kernels refuse) --
+
+
+def all_gather_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """(m, ...) on every rank -> (m * world_size, ...) in rank order (copy for world size 1)."""
+    group = resolve_hcom(hcom)
+    if group is None:
+        return x.clone()
+    xc = x.contiguous()
+    out = xc.new_empty((xc.shape[0] * group.size(), *xc.shape[1:]))
+    _collective("all_gather_dim0", hcom, group, lambda: _all_gather_single(out, xc, group=group))
+    return out
+
+
+def reduce_scatter_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """(m, ...) summed over the ranks; rank r keeps rows [r * m / ws, (r + 1) * m / ws)."""
+    group = resolve_hcom(hcom)
+    if group is None:
+        return x.clone()
+    xc = x.contiguous()
+    out = xc.new_empty((xc.shape[0] // group.size(), *xc.shape[1:]))
+    _collective(
+        "reduce_scatter_dim0", hcom, group, lambda: _reduce_scatter_single(out, xc, group=group)
+    )
+    return out

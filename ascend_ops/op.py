@@ -17,9 +17,11 @@ from ascend_ops.contract import MmAllReduceArgs, output_dtype
 __all__ = [
     "all_gather",
     "all_gather_base_mm",
+    "all_gather_dim0",
     "all_reduce",
     "mm_all_reduce_base",
     "mm_reduce_scatter_base",
+    "reduce_scatter_dim0",
 ]
 
 
@@ -415,3 +417,67 @@ def mm_reduce_scatter_base(
     return fn(
         input, x2, hcom, world_size, x1_scale, x2_scale, output_dtype, comm_mode, spec.out_dtype
     )
+
+
+# -- unfused token-dim collectives ------------------------------------------------------------
+
+
+def _check_hcom(hcom: object) -> None:
+    if not isinstance(hcom, str) or not hcom:
+        raise TypeError(
+            f"hcom: must be a non-empty communication-domain name (str), got {hcom!r} (C4)"
+        )
+
+
+def _group_size(hcom: str) -> int:
+    from ascend_ops.hcom import resolve_hcom
+
+    group = resolve_hcom(hcom)  # metadata only: C4 and the group's size
+    return 1 if group is None else group.size()
+
+
+@torch.library.custom_op("ascend_ops::all_gather_dim0", mutates_args=())
+def _all_gather_dim0_op(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    return _portable.all_gather_dim0(x, hcom)
+
+
+@_all_gather_dim0_op.register_fake
+def _all_gather_dim0_fake(x, hcom):
+    return x.new_empty((x.shape[0] * _group_size(hcom), *x.shape[1:]))
+
+
+def all_gather_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """Concatenate ``x`` (m, ...) from every rank of ``hcom`` along dim 0 (the token dim of a
+    sequence-parallel activation), in rank order: (m * world_size, ...). Every rank passes the
+    same shape."""
+    _check_hcom(hcom)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x: must be a tensor with at least one dim, got {type(x).__name__}")
+    if torch.compiler.is_compiling():
+        return _all_gather_dim0_op(x, hcom)
+    return _portable.all_gather_dim0(x, hcom)
+
+
+@torch.library.custom_op("ascend_ops::reduce_scatter_dim0", mutates_args=())
+def _reduce_scatter_dim0_op(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    return _portable.reduce_scatter_dim0(x, hcom)
+
+
+@_reduce_scatter_dim0_op.register_fake
+def _reduce_scatter_dim0_fake(x, hcom):
+    return x.new_empty((x.shape[0] // _group_size(hcom), *x.shape[1:]))
+
+
+def reduce_scatter_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """Sum ``x`` (m, ...) over ``hcom`` and keep this rank's block of rows along dim 0:
+    rank r gets rows [r * m / ws, (r + 1) * m / ws) of the sum, (m / ws, ...). m must be
+    divisible by the world size (checked before the collective)."""
+    _check_hcom(hcom)
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise TypeError(f"x: must be a tensor with at least one dim, got {type(x).__name__}")
+    ws = _group_size(hcom)
+    if x.shape[0] % ws:
+        raise ValueError(f"x: dim 0 = {x.shape[0]} must be divisible by the world size {ws}")
+    if torch.compiler.is_compiling():
+        return _reduce_scatter_dim0_op(x, hcom)
+    return _portable.reduce_scatter_dim0(x, hcom)

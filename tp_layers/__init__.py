@@ -27,6 +27,7 @@ from tp_layers.phase import (
     prefill_threshold,
     set_prefill_threshold,
 )
+from tp_layers.sequence import gather_tokens, reduce_scatter_tokens, split_tokens, token_shard
 
 __all__ = [
     "CheckpointError",
@@ -43,6 +44,7 @@ __all__ = [
     "TPContext",
     "VocabParallelEmbedding",
     "current_phase",
+    "gather_tokens",
     "get_tp",
     "infer_phase",
     "init_tp",
@@ -52,8 +54,11 @@ __all__ = [
     "path_counts",
     "phase",
     "prefill_threshold",
+    "reduce_scatter_tokens",
     "reset_path_counts",
     "set_prefill_threshold",
+    "split_tokens",
+    "token_shard",
 ]
 
 # The transformers adapter (tp_layers.hf) imports transformers: exported lazily, so that

@@ -10,6 +10,13 @@ installs the kernel arguments the scheme's method returns (loading protocol:
 tp_layers.param.ShardedModule, shared with the vocab-parallel embedding). The row-parallel
 forward calls the fused ``mm_all_reduce_base`` in prefill and a local matmul + all-reduce in
 decode (tp_layers.phase).
+
+With ``sequence_parallel=True`` activations outside the layers are token-sharded (dim 0,
+tp_layers.sequence): the column layer all-gathers its input tokens fused with the matmul
+(``all_gather_base_mm``), the row layer reduce-scatters its output tokens fused with the matmul
+(``mm_reduce_scatter_base``). Decode, schemes the SP kernels do not take (W8A16, static W8A8)
+and a k outside the kernels' [256, 65535) use the separate collective + the scheme's matmul.
+Path counters: "ag_fused" / "ag_unfused" / "rs_fused" / "rs_unfused" (tp_layers.paths).
 """
 
 from __future__ import annotations
@@ -19,13 +26,15 @@ from typing import Any
 import torch
 
 import ascend_ops
+from ascend_ops._validate import SP_K_MAX, SP_K_MIN
 from quant.schemes import Scheme, TensorSpec
+from tp_layers import sequence as seq
 from tp_layers.comm import gather_last_dim, split_last_dim
 from tp_layers.context import TPContext, get_tp
 from tp_layers.methods import method_for
 from tp_layers.param import ShardedModule
 from tp_layers.paths import count_path, path_counts, reset_path_counts
-from tp_layers.phase import Phase, infer_phase
+from tp_layers.phase import Phase, current_phase, infer_phase, prefill_threshold
 from tp_layers.sharding import Segment, SourcePadding
 
 __all__ = [
@@ -63,10 +72,12 @@ class ParallelLinearBase(ShardedModule):
         prefix: str = "",
         device: torch.device | str | None = None,
         source_padding: SourcePadding | None = None,
+        sequence_parallel: bool = False,
     ) -> None:
         super().__init__()
         self.tp = tp if tp is not None else get_tp()
         self.source_padding = source_padding
+        self.sequence_parallel = bool(sequence_parallel)
         self.method = method_for(quant)
         self.scheme = self.method.scheme
         self.input_size = int(input_size)
@@ -112,16 +123,29 @@ class ParallelLinearBase(ShardedModule):
     def _output(self, y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         return (y, self.bias) if self.skip_bias_add else y
 
+    def _sp_path(self, op: str, x: torch.Tensor, tokens: int, allow: bool = True) -> str:
+        """Sequence-parallel path: "local" (TP 1), else ``op`` ("ag" / "rs") + "_fused" in
+        prefill (explicit phase, or ``tokens`` >= prefill_threshold()) when the scheme and k
+        suit the SP kernels (G3 / G6) and ``allow``, + "_unfused" otherwise."""
+        if self.tp.size == 1:
+            return count_path("local")
+        ph = current_phase() or (Phase.PREFILL if tokens >= prefill_threshold() else Phase.DECODE)
+        fused = allow and ph is Phase.PREFILL and self.method.sp_fusable()
+        fused = fused and SP_K_MIN <= x.shape[-1] < SP_K_MAX
+        return count_path(f"{op}_{'fused' if fused else 'unfused'}")
+
     def extra_repr(self) -> str:
         return (
             f"in={self.input_size}, out={self.output_size}, bias={self.has_bias}, "
             f"tp={self.tp.rank}/{self.tp.size}, quant={self.scheme.name}"
+            + (", sequence_parallel=True" if self.sequence_parallel else "")
         )
 
 
 class ColumnParallelLinear(ParallelLinearBase):
     """``y = x @ W.T + b`` with W (n, k) sharded along n; each rank outputs n / world_size
-    columns (all of them with ``gather_output=True``)."""
+    columns (all of them with ``gather_output=True``). With ``sequence_parallel=True`` the input
+    is this rank's token shard (tp_layers.sequence) and the output holds all tokens."""
 
     parallel = "column"
 
@@ -138,6 +162,7 @@ class ColumnParallelLinear(ParallelLinearBase):
     ) -> None:
         self.gather_output = bool(gather_output)
         self.output_sizes = list(output_sizes) if output_sizes is not None else [int(output_size)]
+        self.sp_entry: tuple[torch.Tensor, torch.Tensor] | None = None
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
     def _column_segments(self) -> list[Segment]:
@@ -156,16 +181,62 @@ class ColumnParallelLinear(ParallelLinearBase):
         return self.column_segments
 
     def forward(
-        self, x: torch.Tensor, *, gather: bool | None = None
+        self, x: torch.Tensor, *, gather: bool | None = None, num_tokens: int | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """x: (..., input_size) -> (..., output_size / tp) (or (..., output_size) gathered);
-        ``gather`` overrides ``gather_output`` for this call."""
+        ``gather`` overrides ``gather_output`` for this call. Sequence parallel: x (m_r, ...,
+        input_size) this rank's token shard of m = ``num_tokens`` (default m_r * tp) tokens ->
+        (m, ..., output_size / tp)."""
         self._ensure_processed()
         self._check_input(x, self.input_size, "input_size")
-        y = self.method.apply(self, x, None if self.skip_bias_add else self.bias)
+        bias = None if self.skip_bias_add else self.bias
+        entry, self.sp_entry = self.sp_entry, None
+        if entry is not None and x is entry[0]:  # computed by forward_sp_entry
+            y = entry[1]
+        elif self.sequence_parallel:
+            y = self._sp_forward(x, bias, num_tokens)[0]
+        else:
+            y = self.method.apply(self, x, bias)
         if self.gather_output if gather is None else gather:
             y = gather_last_dim(y, self.tp)
         return self._output(y)
+
+    def forward_sp_entry(
+        self, x: torch.Tensor, num_tokens: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Entry of a sequence-parallel region whose other column layers take the gathered
+        input (Hugging Face attention / MLP): x this rank's token shard -> (gathered input
+        (m, ..., input_size), this layer's output for it), one fused all_gather_base_mm with
+        gather_output in FP. The next ``forward`` of exactly that gathered tensor returns the
+        output without recomputing it."""
+        self._ensure_processed()
+        self._check_input(x, self.input_size, "input_size")
+        bias = None if self.skip_bias_add else self.bias
+        y, full = self._sp_forward(x, bias, num_tokens, not self.scheme.is_quantized)
+        self.sp_entry = (full, y)
+        return full, y
+
+    def _sp_forward(
+        self,
+        x: torch.Tensor,
+        bias: torch.Tensor | None,
+        num_tokens: int | None,
+        gather_input: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output for all m tokens, gathered input or None); ``gather_input`` None: not
+        wanted, False: wanted but not from the kernel (its x1 is int8)."""
+        m = seq.num_tokens_of(x, self.tp, num_tokens, self.where)
+        tokens = x.numel() // x.shape[-1] * self.tp.size
+        path = self._sp_path("ag", x, tokens, gather_input is not False)
+        if path != "ag_fused":  # gather (no-op at TP 1), then the scheme's matmul + bias
+            full = seq.gather_tokens(x, self.tp, m)
+            return self.method.apply(self, full, bias), full
+        xp = seq.pad_tokens(x, seq.shard_rows(m, self.tp.size))
+        y, full = self.method.apply_all_gather(
+            self, xp, self.tp.hcom, self.tp.size, gather_input=bool(gather_input)
+        )
+        full = None if full is None else full.narrow(0, 0, m)
+        return _add(y.narrow(0, 0, m), bias), full  # the kernel refuses a bias (G5)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -274,7 +345,9 @@ class HeadReplicatedColumnLinear(ColumnParallelLinear):
 
 class RowParallelLinear(ParallelLinearBase):
     """``y = x @ W.T + b`` with W (n, k) sharded along k; the partial products are summed over
-    the TP group: fused (``mm_all_reduce_base``) in prefill, matmul + all-reduce in decode."""
+    the TP group: fused (``mm_all_reduce_base``) in prefill, matmul + all-reduce in decode.
+    With ``sequence_parallel=True`` the sum is reduce-scattered along the tokens: each rank
+    gets its token shard (tp_layers.sequence) of the output."""
 
     parallel = "row"
 
@@ -290,6 +363,11 @@ class RowParallelLinear(ParallelLinearBase):
     ) -> None:
         self.input_is_parallel = bool(input_is_parallel)
         self.reduce_results = bool(reduce_results)
+        if kwargs.get("sequence_parallel") and not (self.input_is_parallel and reduce_results):
+            where = kwargs.get("prefix") or type(self).__name__
+            raise ValueError(
+                f"{where}: sequence_parallel needs input_is_parallel=True and reduce_results=True"
+            )
         super().__init__(input_size, output_size, bias, skip_bias_add=skip_bias_add, **kwargs)
 
     @property
@@ -318,6 +396,8 @@ class RowParallelLinear(ParallelLinearBase):
             x = split_last_dim(x, self.tp)
         self._check_input(x, self.input_size_local, "input_size / tp")
         want = (*x.shape[:-1], self.output_size)
+        if self.sequence_parallel:  # the residual is token-sharded like the output
+            want = (seq.token_shard(x.shape[0], self.tp.size, self.tp.rank)[1], *want[1:])
         if residual is not None and (
             tuple(residual.shape) != want or residual.dtype != self.params_dtype
         ):
@@ -339,9 +419,13 @@ class RowParallelLinear(ParallelLinearBase):
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
         """x: (..., input_size / tp) (or (..., input_size) with input_is_parallel=False);
-        residual: optional, output-shaped, added once. Returns (..., output_size)."""
+        residual: optional, output-shaped, added once. Returns (..., output_size). Sequence
+        parallel: x (m, ..., input_size / tp) -> this rank's token shard (m_r, ..., output_size),
+        residual shaped like it."""
         x = self._local_input(x, residual)
         bias = None if self.skip_bias_add else self.bias
+        if self.sequence_parallel:
+            return self._output(self._sp_forward(x, bias, residual))
         path = self._path(x)
         if path == "unfused":  # matmul, all-reduce, then bias and residual on every rank
             y = ascend_ops.all_reduce(self.method.apply(self, x), self.tp.hcom, inplace=True)
@@ -351,6 +435,21 @@ class RowParallelLinear(ParallelLinearBase):
         if path == "fused":
             return self._output(self.method.apply_fused(self, x, self.tp.hcom, bias, residual))
         return self._output(self.method.apply(self, x, bias, residual))
+
+    def _sp_forward(
+        self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        path = self._sp_path("rs", x, x.numel() // x.shape[-1])
+        if path == "local":
+            return self.method.apply(self, x, bias, residual)
+        if path == "rs_unfused":  # the scheme's matmul (rank 0's quant_bias), reduce-scatter
+            y = seq.reduce_scatter_tokens(self.method.apply(self, x), self.tp)
+        else:
+            m, ws = x.shape[0], self.tp.size
+            xp = seq.pad_tokens(x, seq.shard_rows(m, ws) * ws)
+            y = self.method.apply_reduce_scatter(self, xp, self.tp.hcom, ws)
+            y = y.narrow(0, 0, seq.token_shard(m, ws, self.tp.rank)[1])
+        return _add(_add(y, bias), residual)  # every rank: its own tokens (R5)
 
 
 def _add(y: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:

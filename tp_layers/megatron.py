@@ -14,6 +14,11 @@ What the adapter does for Megatron (megatron-core 0.16.1):
 - Megatron's activations are ``[s, b, h]``, ours ``(b, s, h)``: the row layer picks the phase
   from the sequence dim (prefill -> fused ``mm_all_reduce_base``, decode -> matmul +
   all-reduce) unless the caller set one with ``tp_layers.phase(...)``.
+- ``sequence_parallel=True`` in the config (TP > 1; at TP 1 it is off, as in Megatron): the
+  column layers take Megatron's sequence-sharded ``[s/tp, b, h]`` and all-gather it along s fused
+  with the matmul (``all_gather_base_mm``), the row layers reduce-scatter their ``[s, b, h]``
+  output along s fused with the matmul (``mm_reduce_scatter_base``) and add the bias after it
+  (Megatron's layout and order; tp_layers.sequence). In Megatron s divides by the TP size.
 - Initialisation follows Megatron's ``use_cpu_initialization`` path: ``init_method`` on the
   fp32 master weight of the full layer, cast to ``params_dtype``, split by partition dim and
   ``stride`` exactly as ``_initialize_affine_weight_cpu`` does; bias zero. With the same torch
@@ -33,8 +38,8 @@ What the adapter does for Megatron (megatron-core 0.16.1):
   ``input_size_per_partition`` / ``output_size_per_partition``, ``backward_dw``).
 
 Inference only: parameters are frozen (no autograd through the fused op). Not supported, with
-a clear error: sequence parallelism, expert parallel communication, and
-``skip_weight_param_allocation`` (weight passed to forward).
+a clear error: expert parallel communication and ``skip_weight_param_allocation`` (weight
+passed to forward).
 
 Megatron is imported only here, so ``import tp_layers`` works without it.
 """
@@ -131,11 +136,6 @@ class _MegatronLinearMixin(ParallelLinearBase):
                 f"{where}: config must be a megatron ModelParallelConfig / TransformerConfig, "
                 f"got {type(config).__name__}"
             )
-        if config.sequence_parallel:
-            raise ValueError(
-                f"{where}: sequence_parallel is not supported (the fused op all-reduces; it has "
-                "no reduce-scatter); build the model with sequence_parallel=False"
-            )
         if is_expert and config.expert_model_parallel_size > 1:
             raise ValueError(
                 f"{where}: expert-parallel communication (is_expert with "
@@ -159,7 +159,6 @@ class _MegatronLinearMixin(ParallelLinearBase):
         self.expert_parallel = config.expert_model_parallel_size > 1
         self.explicit_expert_comm = False
         self.tp_comm_buffer_name = tp_comm_buffer_name
-        self.sequence_parallel = False
         self.gradient_accumulation_fusion = False
         self.master_weight = None
         # Megatron's tensor attributes, describing the Megatron (checkpoint) layout.
@@ -175,7 +174,7 @@ class _MegatronLinearMixin(ParallelLinearBase):
                 self.bias.partition_dim = 0
                 self.bias.partition_stride = self.stride
             else:
-                self.bias.sequence_parallel = False
+                self.bias.sequence_parallel = self.sequence_parallel
         if config.perform_initialization:
             if init_method is None:
                 raise ValueError(f"{self.where}: init_method is required to initialise weights")
@@ -356,10 +355,11 @@ def _base_kwargs(
     is_expert: bool,
     prefix: str,
 ) -> dict[str, Any]:
-    group = _resolve_tp_group(tp_group, is_expert)
+    tp = TPContext.from_group(_resolve_tp_group(tp_group, is_expert))
     return {
         "quant": quant if quant is not None else cls.quant,
-        "tp": TPContext.from_group(group),
+        "tp": tp,
+        "sequence_parallel": config.sequence_parallel and tp.size > 1,
         "params_dtype": config.params_dtype,
         "prefix": prefix,
         "device": _model_device(config),
@@ -446,10 +446,12 @@ class MegatronColumnParallelLinear(_MegatronLinearMixin, ColumnParallelLinear):
         weight: torch.Tensor | None = None,
         runtime_gather_output: bool | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``[s, b, input_size] -> ([s, b, output_size / tp] (or gathered), bias or None)``."""
+        """``[s, b, input_size] -> ([s, b, output_size / tp] (or gathered), bias or None)``;
+        sequence parallel: ``[s / tp, b, input_size]`` in."""
         if weight is not None:
             raise ValueError(f"{self.where}: a weight passed to forward is not supported")
-        out = ColumnParallelLinear.forward(self, input_, gather=runtime_gather_output)
+        with phase(megatron_phase(input_)):
+            out = ColumnParallelLinear.forward(self, input_, gather=runtime_gather_output)
         return out if self.skip_bias_add else (out, None)
 
 
@@ -503,7 +505,8 @@ class MegatronRowParallelLinear(_MegatronLinearMixin, RowParallelLinear):
 
     def forward(self, input_: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``[s, b, input_size / tp]`` (or full with ``input_is_parallel=False``) ->
-        ``([s, b, output_size], bias or None)``, summed over the TP group."""
+        ``([s, b, output_size], bias or None)``, summed over the TP group; sequence parallel:
+        ``[s / tp, b, output_size]`` out (reduce-scattered along s)."""
         with phase(megatron_phase(input_, self.output_size)):
             out = RowParallelLinear.forward(self, input_)
         if self.skip_bias_add:

@@ -6,8 +6,10 @@ The layer owns the parameters in checkpoint layout ((n, k) weight, scales as sto
 method's ``process_weights_after_loading`` returns what the kernels take: the weight as (k, n)
 (FRACTAL_NZ on Ascend when enabled) and the scheme's kernel arguments (scales packed / cast,
 msmodelslim offsets negated: quant.schemes ``kernel_args``); the layer installs them.
-``apply`` (local matmul) and ``apply_fused`` (``mm_all_reduce_base``) run the scheme's one
-formula (``op_inputs``), so the fused (prefill) and unfused (decode) paths compute the same.
+``apply`` (local matmul), ``apply_fused`` (``mm_all_reduce_base``) and, for sequence
+parallelism, ``apply_all_gather`` / ``apply_reduce_scatter`` (``all_gather_base_mm`` /
+``mm_reduce_scatter_base``, for the schemes ``sp_fusable`` names) run the scheme's one formula
+(``op_inputs``), so the fused (prefill) and unfused (decode) paths compute the same.
 """
 
 from __future__ import annotations
@@ -127,12 +129,60 @@ class LinearMethod:
         x1, kw = self.scheme.op_inputs(x, layer.kernel_args, bias)
         return ascend_ops.mm_all_reduce_base(x1, layer.weight, hcom, x3=residual, **kw)
 
+    # -- sequence parallelism: all_gather_base_mm / mm_reduce_scatter_base --------------------
+    def sp_fusable(self) -> bool:
+        """True if the sequence-parallel MC2 kernels take this scheme (FP and W8A8 dynamic:
+        they have no weight-only antiquant input and refuse a bias, G5 / G6)."""
+        return False
+
+    def sp_inputs(self, layer: LinearLayer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """x (rows, k) -> (x1, keyword arguments) of the sequence-parallel kernels."""
+        raise NotImplementedError(f"{layer.where}: {self.scheme.name} has no fused SP kernel")
+
+    def apply_all_gather(
+        self,
+        layer: LinearLayer,
+        x: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        gather_input: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``allgather(x) @ W`` in one ``all_gather_base_mm``: x (rows, ..., k) this rank's
+        (padded) tokens -> (rows * world_size, ..., n_local), ranks' rows in rank order, and
+        with ``gather_input`` the kernel's gathered x1 (rows * world_size, ..., k) (the
+        activation itself in FP; int8 when quantized), else None."""
+        x1, kw = self.sp_inputs(layer, x.reshape(-1, x.shape[-1]))
+        y, gathered = ascend_ops.all_gather_base_mm(
+            x1, layer.weight, hcom, world_size, gather_output=gather_input, comm_mode="aiv", **kw
+        )
+        rows = (x.shape[0] * world_size, *x.shape[1:-1])
+        return y.reshape(*rows, y.shape[-1]), (
+            gathered.reshape(*rows, x.shape[-1]) if gather_input else None
+        )
+
+    def apply_reduce_scatter(
+        self, layer: LinearLayer, x: torch.Tensor, hcom: str, world_size: int
+    ) -> torch.Tensor:
+        """``reducescatter(x @ W)`` in one ``mm_reduce_scatter_base``: x (m, ..., k_local) with
+        m divisible by world_size -> this rank's (m / world_size, ..., n) rows of the sum."""
+        x1, kw = self.sp_inputs(layer, x.reshape(-1, x.shape[-1]))
+        y = ascend_ops.mm_reduce_scatter_base(
+            x1, layer.weight, hcom, world_size, comm_mode="aiv", **kw
+        )
+        return y.reshape(x.shape[0] // world_size, *x.shape[1:-1], y.shape[-1])
+
 
 @register(FP)
 class FPMethod(LinearMethod):
     """fp16 / bf16 / fp32 weights, ND (Atlas A2 rejects NZ in the FP scenario)."""
 
     nz_weight = False
+
+    def sp_fusable(self) -> bool:
+        return True
+
+    def sp_inputs(self, layer: LinearLayer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        return x.contiguous(), {}
 
 
 @register(W8A16)
@@ -180,3 +230,17 @@ class W8A8Method(LinearMethod):
             pb = bias.expand(*x.shape[:-1], bias.shape[-1])
             residual = pb.contiguous() if residual is None else residual + pb
         return super().apply_fused(layer, x, hcom, None, residual)
+
+    def sp_fusable(self) -> bool:
+        return self.scheme.dynamic  # static: the int32 quant_bias has no place in the kernels
+
+    def sp_inputs(self, layer: LinearLayer, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Per-token quantization of this rank's rows (the scheme's formula): x1_scale is one
+        float32 scale per row of x1, which all_gather_base_mm gathers with x1 (G6); x2_scale
+        the per-channel dequant scale as float32 (1, n) (a bf16 one widens exactly)."""
+        x1, kw = self.scheme.op_inputs(x, layer.kernel_args, None)
+        return x1, {
+            "x1_scale": kw["pertoken_scale"].reshape(-1, 1),
+            "x2_scale": kw["dequant_scale"].float().reshape(1, -1),
+            "output_dtype": layer.kernel_args["output_dtype"],
+        }

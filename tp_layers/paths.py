@@ -1,7 +1,10 @@
-"""Instrumentation: how many RowParallelLinear forwards took each path since the last reset, so
-examples / tests can show which one ran: "fused" (prefill: one mm_all_reduce_base call),
+"""Instrumentation: how many layer forwards took each path since the last reset, so examples /
+tests can show which one ran. RowParallelLinear: "fused" (prefill: one mm_all_reduce_base call),
 "unfused" (decode: local matmul, then all_reduce), "local" (TP 1 or reduce_results=False: no
-communication). Not updated while torch.compile traces (no graph side effects)."""
+communication). Sequence parallel (tp_layers.sequence): column layers "ag_fused" (one
+all_gather_base_mm) / "ag_unfused" (all_gather_dim0, then the scheme's matmul), row layers
+"rs_fused" (one mm_reduce_scatter_base) / "rs_unfused" (matmul, then reduce_scatter_dim0), and
+"local" at TP 1. Not updated while torch.compile traces (no graph side effects)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import torch
 
 __all__ = ["count_path", "path_counts", "reset_path_counts"]
 
-_COUNTS: dict[str, int] = {"fused": 0, "unfused": 0, "local": 0}
+_BASE = ("fused", "unfused", "local")
+_COUNTS: dict[str, int] = dict.fromkeys(_BASE, 0)
 
 
 def count_path(path: str) -> str:
@@ -20,11 +24,12 @@ def count_path(path: str) -> str:
 
 
 def path_counts() -> dict[str, int]:
-    """Copy of the RowParallelLinear path counters: {"fused", "unfused", "local"} -> calls."""
+    """Copy of the path counters: path name (see the module docstring) -> calls. The three
+    RowParallelLinear paths are always present, the sequence-parallel ones once they ran."""
     return dict(_COUNTS)
 
 
 def reset_path_counts() -> None:
-    """Zero the RowParallelLinear path counters."""
-    for key in _COUNTS:
-        _COUNTS[key] = 0
+    """Zero the path counters."""
+    _COUNTS.clear()
+    _COUNTS.update(dict.fromkeys(_BASE, 0))

@@ -28,8 +28,9 @@ style                                           what parallelize does
 embedding (``lm_head``)                         ``colwise``: the local shard); a tied lm_head
                                                 shares the embedding's sharded weight
 ``replicate``, ``replicated_with_grad_allreduce``,
-``sequence_parallel``, ``gather``, ``local``,   left as is, replicated (no sequence parallelism:
-``isolated``, ``embedding_colwise``             norms see the full sequence)
+``sequence_parallel``, ``gather``, ``local``,   left as is, replicated (norms see the full
+``isolated``, ``embedding_colwise``             sequence unless parallelize(sequence_parallel=
+                                                True): ``tp_layers.hf.sequence_parallel``)
 anything else (``packed_rowwise``, MoE / expert
 styles, ``mla_kv_a_proj``, ``all_reduce``,      refused with an error naming the plan entry
 ``local_params``, unknown names)
@@ -49,7 +50,8 @@ left untouched (a StaticCache sized from it would not fit; generate's default Dy
 
 Modules: ``plan`` (styles, default plan, matching), ``quantize`` (schemes, calibration),
 ``heads`` (head math, padding), ``swap`` (``parallelize``), ``pretrained``
-(``load_pretrained``). transformers is imported only in this package; ``import tp_layers``
+(``load_pretrained``), ``sequence_parallel`` (token-sharded hidden states between the decoder
+layers). transformers is imported only in this package; ``import tp_layers``
 works without it.
 """
 

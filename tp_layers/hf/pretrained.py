@@ -191,6 +191,7 @@ def load_pretrained(
     plan: Mapping[str, str] | None = None,
     calibration: CalibrationSpec = None,
     pad_heads: bool = False,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Build a causal LM from ``model_dir``'s config.json on the meta device, swap its layers
     (``parallelize``, with ``plan`` / ``pad_heads``), and load only this rank's shards
@@ -204,7 +205,8 @@ def load_pretrained(
     kept; static W8A8 needs ``calibration``). dtype: the model's float dtype (default: the
     checkpoint's, ``checkpoint_dtype``). strict: unexpected checkpoint tensors are an error
     (else a warning). Tied weights (lm_head = embed_tokens) stay tied, and non-persistent
-    buffers (rotary ``inv_freq``) are recomputed. Returns the model in eval mode; its
+    buffers (rotary ``inv_freq``) are recomputed. sequence_parallel: as for ``parallelize``.
+    Returns the model in eval mode; its
     ``tp_load_report`` is the loader's LoadReport.
     """
     path = Path(model_dir)
@@ -213,7 +215,14 @@ def load_pretrained(
     dtype = dtype if dtype is not None else checkpoint_dtype(path, config)
     model = _build_meta(config, dtype)
     quantized_dir = _swap_meta(
-        model, path, tp, quant, plan=plan, calibration=calibration, pad_heads=pad_heads
+        model,
+        path,
+        tp,
+        quant,
+        plan=plan,
+        calibration=calibration,
+        pad_heads=pad_heads,
+        sequence_parallel=sequence_parallel,
     )
     tied = _tied_keys(model)
     on_load = (

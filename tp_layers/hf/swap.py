@@ -25,6 +25,7 @@ from tp_layers.hf.plan import (
     resolve_plan,
 )
 from tp_layers.hf.quantize import CalibrationSpec, QuantSpec, layer_tensors, quant_resolver
+from tp_layers.hf.sequence_parallel import check_sequence_parallel, install_sequence_parallel
 from tp_layers.linear import (
     ColumnParallelLinear,
     HeadReplicatedColumnLinear,
@@ -63,7 +64,9 @@ class _Swapper:
         resolve: Callable[[str], Scheme | None],
         ask_all: bool,
         calibration: CalibrationSpec,
+        sequence_parallel: bool = False,
     ) -> None:
+        self.sequence_parallel = sequence_parallel
         self.model = model
         self.tp = tp
         self.resolve = resolve
@@ -252,7 +255,10 @@ class _Swapper:
             raise ValueError(
                 f"{where}: {k // hd} heads of size {hd} do not split over TP {tp}{hint}"
             )
-        return RowParallelLinear(k, n, bias=bias, input_is_parallel=parallel_in, **common)
+        sp = self.sequence_parallel and parallel_in  # others are refused by hf.sequence_parallel
+        return RowParallelLinear(
+            k, n, bias=bias, input_is_parallel=parallel_in, sequence_parallel=sp, **common
+        )
 
     def _note(self, attn: str, kind: str, heads: int) -> None:
         self.attn_local.setdefault(attn, {})[kind] = heads
@@ -314,6 +320,7 @@ def parallelize(
     *,
     calibration: CalibrationSpec = None,
     pad_heads: bool = False,
+    sequence_parallel: bool = False,
 ) -> nn.Module:
     """Swap ``model``'s ``nn.Linear`` / ``nn.Embedding`` layers for tensor-parallel ones, in
     place; returns it.
@@ -330,6 +337,9 @@ def parallelize(
     W8A8 on real weights, {module: ActivationRange | activations (rows, k)} or a
     ``quant.Calibration``. pad_heads: pad attention whose q / kv heads do not split over the
     TP size with zero heads (exact; logged with its overhead); default: refused.
+    sequence_parallel: token-sharded hidden states between the decoder layers (norms and
+    residual adds on tokens / tp; fused all-gather + matmul and matmul + reduce-scatter), for
+    Llama / Qwen2-style decoder models (tp_layers.hf.sequence_parallel); off at TP 1.
 
     A layer whose module has real weights gets them now (quantized per its scheme; each rank
     keeps its shard); one on the meta device becomes a parallel layer on meta, to be loaded
@@ -337,16 +347,21 @@ def parallelize(
     """
     tp = tp if tp is not None else get_tp()
     resolve, ask_all = quant_resolver(quant)
-    swapper = _Swapper(model, tp, resolve, ask_all, calibration)
+    sequence_parallel = bool(sequence_parallel) and tp.size > 1
+    swapper = _Swapper(model, tp, resolve, ask_all, calibration, sequence_parallel)
     plans = [lp for lp in resolve_plan(model, plan) if lp.style not in REPLICATED_STYLES]
     swapper.plan_heads(plans, pad_heads)
     built = [(lp.name, swapper.build(lp), swapper.modules[lp.name]) for lp in plans]
     built = [b for b in built if b[1] is not None]
     if ask_all:
         built += swapper.replicated_quantized({lp.name for lp in plans})
-    # Everything is built (and validated) before the model is touched; sequence parallelism
-    # (norms on sequence shards between the row and column layers) belongs here too.
+    # Everything is built (and validated) before the model is touched.
+    planned = [(name, layer) for name, layer, _ in built if isinstance(layer, ParallelLinearBase)]
+    if sequence_parallel:
+        check_sequence_parallel(model, planned)
     for name, layer, old in built:
         swapper.swap(name, layer, old)
     swapper.fix_attention()
+    if sequence_parallel:
+        install_sequence_parallel(model, tp, planned)
     return model
