@@ -17,6 +17,11 @@ once installed):
   the ``torch.distributed`` group named by ``hcom``.
 * ``npu_trans_quant_param``, ``npu_quantize``, ``npu_dynamic_quant``, ``npu_quant_matmul``,
   ``npu_weight_quant_batchmatmul``: doc semantics (RINT = round half to even, int8 saturation).
+* ``npu_all_gather_base_mm`` / ``npu_mm_reduce_scatter_base`` (op-plugin
+  ``docs/context/torch_npu-npu_all_gather_base_mm.md`` / ``-npu_mm_reduce_scatter_base.md``):
+  the docs' constraints, the rows gathered exactly in rank order, each rank's matmul in float64
+  (int8: exact integer accumulation, then the scales) rounded once to the output dtype; the
+  reduce-scatter sums those in float32, rounded once, and keeps this rank's rows.
 * ``npu_format_cast(t, fmt)`` (fmt ``2`` = ND, ``29`` = FRACTAL_NZ) returns a fresh tensor with
   the same logical values; the format is recorded against the tensor's *storage*, so views
   (``.t()``), ``nn.Parameter`` wrappers and ``.data`` aliases keep it, like the real storage
@@ -952,17 +957,31 @@ class TorchNpuDouble(types.ModuleType):
         )
         if self._formats.get(x2) == FORMAT_FRACTAL_NZ:
             _require(comm_mode == "aiv", op, "an NZ x2 needs comm_mode='aiv'")
+        out_dtype = self._sp_out_dtype(op, x1, x2, x1_scale, x2_scale, output_dtype, comm_mode)
         group, world = self._resolve_hcom(hcom)
         _require(
             world_size == world and world in (2, 4, 8),
             op,
             f"world_size={world_size!r} must be the domain's size {world} (2, 4 or 8)",
         )
+        return group, out_dtype
+
+    @staticmethod
+    def _sp_out_dtype(
+        op: str,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        output_dtype: torch.dtype | None,
+        comm_mode: str | None,
+    ) -> torch.dtype:
+        """The scenario's scale / output-dtype constraints; returns the output dtype."""
         n = x2.shape[1]
         if x1.dtype != torch.int8:
             _require(x1_scale is None and x2_scale is None, op, "x1_scale/x2_scale: quantized only")
             _require(output_dtype in (None, x1.dtype), op, f"output_dtype {output_dtype}")
-            return group, x1.dtype
+            return x1.dtype
         _require(comm_mode == "aiv", op, "the quantized scenario needs comm_mode='aiv'")
         _require(x2_scale is not None, op, "x2_scale is required in the quantized scenario")
         assert x2_scale is not None
@@ -980,13 +999,13 @@ class TorchNpuDouble(types.ModuleType):
             )
         if x2_scale.dtype == torch.int64:
             _require(output_dtype in (None, torch.float16), op, "int64 x2_scale: float16 output")
-            return group, torch.float16
+            return torch.float16
         _require(
             output_dtype in (None, torch.float16, torch.bfloat16),
             op,
             f"output_dtype {output_dtype} not float16/bfloat16",
         )
-        return group, output_dtype or torch.bfloat16
+        return output_dtype or torch.bfloat16
 
     def _sp_matmul(
         self,

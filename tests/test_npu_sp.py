@@ -179,3 +179,36 @@ def test_compiled_sp_ops_trace_the_vendor_ops(npu_impl: str) -> None:
         assert targets.count("npu.npu_all_gather_base_mm.default") == n, targets
         assert targets.count("npu.npu_mm_reduce_scatter_base.default") == n, targets
         assert quant == (npu_impl != "2.1.0.post8")
+
+
+# ------------------------------------------------------------------------ the double is strict
+
+_X, _W = torch.zeros(4, 256, dtype=BF), torch.zeros(256, 8, dtype=BF)
+_XQ, _WQ = torch.zeros(4, 256, dtype=torch.int8), torch.zeros(256, 8, dtype=torch.int8)
+_S2 = torch.ones(1, 8)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"bias": torch.zeros(8, dtype=BF)}, "bias: only None"),
+        ({"input": torch.zeros(4, 128, dtype=BF), "x2": torch.zeros(128, 8, dtype=BF)}, "k=128"),
+        ({"x2": _W.half()}, "the same for both"),
+        ({"input": _X.t().contiguous().t()}, "x1 must be contiguous"),
+        ({"comm_turn": 1}, "comm_turn must be 0"),
+        ({"x2_scale": _S2}, "quantized only"),
+        ({"input": _XQ, "x2": _WQ, "x2_scale": _S2}, "needs comm_mode='aiv'"),
+        ({"input": _XQ, "x2": _WQ, "comm_mode": "aiv"}, "x2_scale is required"),
+        ({"input": _XQ, "x2": _WQ, "x2_scale": _S2.half(), "comm_mode": "aiv"}, "float32 or int64"),
+        ({"world_size": 1}, r"world_size=1 must be the domain's size 1 \(2, 4 or 8\)"),
+    ],
+)
+@pytest.mark.parametrize("op", ["npu_all_gather_base_mm", "npu_mm_reduce_scatter_base"])
+def test_double_checks_the_sp_docs(torch_npu_double, op: str, kwargs: dict, match: str) -> None:  # type: ignore[no-untyped-def]
+    import npu_double
+
+    a = {"input": _X, "x2": _W, "hcom": npu_double.SINGLE_PROCESS_HCOM, "world_size": 2, **kwargs}
+    if "world_size" not in kwargs:  # every other case fails before the domain is resolved
+        a["world_size"] = 2
+    with pytest.raises(npu_double.DoubleContractError, match=match):
+        getattr(torch_npu_double, op)(a.pop("input"), a.pop("x2"), a.pop("hcom"), **a)
