@@ -17,6 +17,12 @@ vendor's (KERNELS.md, CONTRACT.md):
 - The FP local matmul has no vendor helper: it is torch.matmul / torch.addmm on the NPU tensors
   (torch_npu's aten kernels, fp32 accumulation in the cube unit), x3 added afterwards.
 
+- The sequence-parallel ops (``npu_all_gather_base_mm`` / ``npu_mm_reduce_scatter_base``) are
+  one ``call`` each: releases before 2.7.1 have no x1_scale / x2_scale / output_dtype /
+  comm_mode, so a quantized call (or a comm_mode) is refused there by name.
+- Graph mode: the unfused decode collectives are torch's functional collectives
+  (:func:`compiled_all_reduce`, :func:`compiled_all_gather`), which torchair lowers to HCCL.
+
 Every vendor call goes through :func:`call`, which adapts to the installed torch_npu release:
 it reads the op's schema once (``torch.ops.npu.<op>.default._schema``; the signature for a
 pure-Python stand-in), passes only the keyword arguments that schema has, drops an absent one
@@ -384,17 +390,18 @@ def _group_name(hcom: str) -> str:
 
 
 def compiled_all_reduce(x: torch.Tensor, hcom: str) -> torch.Tensor:
-    """Sum of x over hcom for a graph compiled on Ascend: torch's functional all_reduce (+ its
-    wait), as torchair's own ``dist.all_reduce`` patch emits it (torch_npu
-    dynamo/torchair/_ge_concrete_graph/ge_converter/experimental/hcom_allreduce.py:
-    ``npu_allreduce_patch_dist``), which torchair lowers to HcomAllReduce
-    (ge_converter/c10d_functional/c10d_functional.py). x: any shape; returns x's shape."""
+    """Sum of x over hcom for a graph compiled on Ascend: torch's functional all_reduce, as
+    torchair's own ``dist.all_reduce`` patch emits it (torch_npu dynamo/torchair/
+    _ge_concrete_graph/ge_converter/experimental/hcom_allreduce.py: ``npu_allreduce_patch_dist``),
+    which torchair lowers to HcomAllReduce (ge_converter/c10d_functional/c10d_functional.py).
+    x: any shape; returns x's shape."""
     import torch.distributed._functional_collectives as funcol
 
     name = _group_name(hcom)
     if not name:
         return x.clone()
-    return funcol.wait_tensor(funcol.all_reduce(x, "sum", name))
+    # while tracing, funcol itself appends the wait_tensor
+    return funcol.all_reduce(x, "sum", name)
 
 
 def compiled_all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
@@ -406,5 +413,4 @@ def compiled_all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
     name = _group_name(hcom)
     if not name:
         return x.clone()
-    out = funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, name)
-    return funcol.wait_tensor(out)
+    return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, name)
