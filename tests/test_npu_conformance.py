@@ -58,8 +58,13 @@ def test_release_has_the_ops_and_converters(npu_impl: str) -> None:
     for op in (*VERSIONED_ARGS, "npu_quantize", "npu_dynamic_quant", "npu_format_cast"):
         assert op in have, (npu_impl, op)
     targets = converter_targets(npu_impl)
-    for op in ("npu_mm_all_reduce_base", "npu_quant_matmul", "npu_weight_quant_batchmatmul"):
+    for op in (
+        "npu_mm_all_reduce_base", "npu_quant_matmul", "npu_weight_quant_batchmatmul",
+        "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base",
+    ):  # fmt: skip
         assert f"npu::{op}.default" in targets, (npu_impl, op)
+    for op in ("all_reduce", "all_gather_into_tensor", "wait_tensor"):  # graph-mode decode
+        assert f"c10d_functional::{op}.default" in targets, (npu_impl, op)
 
 
 def _adapt_body(rank: int, ws: int, impl: str) -> dict[str, list[str]]:
