@@ -17,6 +17,12 @@ vendor's (KERNELS.md, CONTRACT.md):
 - The FP local matmul has no vendor helper: it is torch.matmul / torch.addmm on the NPU tensors
   (torch_npu's aten kernels, fp32 accumulation in the cube unit), x3 added afterwards.
 
+- The sequence-parallel ops (``npu_all_gather_base_mm`` / ``npu_mm_reduce_scatter_base``) are
+  one ``call`` each: releases before 2.7.1 have no x1_scale / x2_scale / output_dtype /
+  comm_mode, so a quantized call (or a comm_mode) is refused there by name.
+- Graph mode: the unfused decode collectives are torch's functional collectives
+  (:func:`compiled_all_reduce`, :func:`compiled_all_gather`), which torchair lowers to HCCL.
+
 Every vendor call goes through :func:`call`, which adapts to the installed torch_npu release:
 it reads the op's schema once (``torch.ops.npu.<op>.default._schema``; the signature for a
 pure-Python stand-in), passes only the keyword arguments that schema has, drops an absent one
@@ -37,12 +43,16 @@ from ascend_ops import backend
 from ascend_ops.contract import FUSED_KWARGS, w8a8_output_dtype
 
 __all__ = [
+    "all_gather_base_mm",
     "arg_names",
     "call",
+    "compiled_all_gather",
+    "compiled_all_reduce",
     "dynamic_quant",
     "fp_matmul",
     "hcom_name",
     "mm_all_reduce_base",
+    "mm_reduce_scatter_base",
     "quant_matmul",
     "quantize",
     "trans_quant_param",
@@ -162,6 +172,25 @@ def mm_all_reduce_base(
         # (op_plugin/ops/opapi/, the schema with pertoken_scale) the result is a fresh tensor.
         kwargs["x3"] = x3.clone()
     return call("npu_mm_all_reduce_base", x1, x2, hcom, **kwargs)
+
+
+def all_gather_base_mm(
+    input: torch.Tensor, x2: torch.Tensor, hcom: str, world_size: int, **kwargs: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch_npu.npu_all_gather_base_mm(input, x2, hcom, world_size, **kwargs)`` ->
+    (output, gather_out); keyword options as in the vendor signature (validated by the caller,
+    docs/MC2_FAMILY.md G1-G13). Releases before 2.7.1 have no x1_scale / x2_scale /
+    output_dtype / comm_mode: a quantized call (or a comm_mode) is refused there by name."""
+    return call("npu_all_gather_base_mm", input, x2, hcom, world_size, **kwargs)
+
+
+def mm_reduce_scatter_base(
+    input: torch.Tensor, x2: torch.Tensor, hcom: str, world_size: int, **kwargs: Any
+) -> torch.Tensor:
+    """``torch_npu.npu_mm_reduce_scatter_base(input, x2, hcom, world_size, **kwargs)`` -> this
+    rank's (m / world_size, n) rows; rules R1-R13 checked by the caller, release differences
+    handled as in :func:`all_gather_base_mm`."""
+    return call("npu_mm_reduce_scatter_base", input, x2, hcom, world_size, **kwargs)
 
 
 _hcom_cache: weakref.WeakKeyDictionary[
@@ -346,3 +375,42 @@ def fp_matmul(
     x2d = x1.reshape(-1, x1.shape[-1])
     y = torch.matmul(x2d, x2) if bias is None else torch.addmm(bias.to(x1.dtype), x2d, x2)
     return _add_x3(y, x3).reshape(*x1.shape[:-1], x2.shape[-1])
+
+
+# -- graph mode: the unfused collectives -----------------------------------------------------
+
+
+@torch.compiler.assume_constant_result
+def _group_name(hcom: str) -> str:
+    # a constant for torch.compile: the c10d group name of hcom ("" for a world-size-1 domain)
+    from ascend_ops.hcom import resolve_hcom
+
+    group = resolve_hcom(hcom)
+    return "" if group is None else group.group_name
+
+
+def compiled_all_reduce(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """Sum of x over hcom for a graph compiled on Ascend: torch's functional all_reduce, as
+    torchair's own ``dist.all_reduce`` patch emits it (torch_npu dynamo/torchair/
+    _ge_concrete_graph/ge_converter/experimental/hcom_allreduce.py: ``npu_allreduce_patch_dist``),
+    which torchair lowers to HcomAllReduce (ge_converter/c10d_functional/c10d_functional.py).
+    x: any shape; returns x's shape."""
+    import torch.distributed._functional_collectives as funcol
+
+    name = _group_name(hcom)
+    if not name:
+        return x.clone()
+    # while tracing, funcol itself appends the wait_tensor
+    return funcol.all_reduce(x, "sum", name)
+
+
+def compiled_all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """(..., n) -> (..., n * world_size) in rank order for a graph compiled on Ascend: torch's
+    functional all_gather_tensor (an all_gather_into_tensor on dim 0, then a cat of the rank
+    chunks along the last dim), which torchair lowers to HcomAllGather."""
+    import torch.distributed._functional_collectives as funcol
+
+    name = _group_name(hcom)
+    if not name:
+        return x.clone()
+    return funcol.all_gather_tensor(x.contiguous(), x.dim() - 1, name)

@@ -161,6 +161,10 @@ def all_reduce(x: torch.Tensor, hcom: str, *, inplace: bool = False) -> torch.Te
             f"hcom: must be a non-empty communication-domain name (str), got {hcom!r} (C4)"
         )
     if torch.compiler.is_compiling():
+        if backend.select(x) is backend.Backend.ASCEND:
+            from ascend_ops import _npu  # functional collectives torchair lowers
+
+            return _npu.compiled_all_reduce(x, hcom)
         return _all_reduce_op(x, hcom)
     return _portable.all_reduce(x, hcom, inplace=inplace)
 
@@ -187,6 +191,10 @@ def all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
             f"hcom: must be a non-empty communication-domain name (str), got {hcom!r} (C4)"
         )
     if torch.compiler.is_compiling():
+        if backend.select(x) is backend.Backend.ASCEND:
+            from ascend_ops import _npu  # functional collectives torchair lowers
+
+            return _npu.compiled_all_gather(x, hcom)
         return _all_gather_op(x, hcom)
     return _portable.all_gather_last_dim(x, hcom)
 
@@ -195,7 +203,8 @@ def all_gather(x: torch.Tensor, hcom: str) -> torch.Tensor:
 
 
 def _sp_x2_format(ascend: bool, x2: object) -> int | None:
-    if ascend and isinstance(x2, torch.Tensor):
+    # as mm_all_reduce_base: no format query while tracing (get_npu_format has no fake impl)
+    if ascend and isinstance(x2, torch.Tensor) and not torch.compiler.is_compiling():
         from ascend_ops import layout
 
         return layout.get_format(x2)
@@ -224,10 +233,9 @@ def _ag_impl(
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend.select(input) is backend.Backend.ASCEND:
-        from ascend_ops import _npu_sp
+        from ascend_ops import _npu
 
-        return _npu_sp.call(
-            "all_gather_base_mm",
+        return _npu.all_gather_base_mm(
             input,
             x2,
             hcom,
@@ -316,7 +324,8 @@ def all_gather_base_mm(
     )  # fmt: skip
     if not ascend:
         _sp_check_group(hcom, world_size, "G4")
-    fn = _all_gather_base_mm_op if torch.compiler.is_compiling() else _ag_impl
+    # compiled on Ascend, _ag_impl traces torch.ops.npu.npu_all_gather_base_mm (torchair lowers it)
+    fn = _all_gather_base_mm_op if torch.compiler.is_compiling() and not ascend else _ag_impl
     return fn(
         input, x2, hcom, world_size, x1_scale, x2_scale, gather_output, output_dtype,
         comm_mode, spec.out_dtype,
@@ -335,10 +344,9 @@ def _rs_impl(
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     if backend.select(input) is backend.Backend.ASCEND:
-        from ascend_ops import _npu_sp
+        from ascend_ops import _npu
 
-        return _npu_sp.call(
-            "mm_reduce_scatter_base",
+        return _npu.mm_reduce_scatter_base(
             input,
             x2,
             hcom,
@@ -413,7 +421,7 @@ def mm_reduce_scatter_base(
     )  # fmt: skip
     if not ascend:
         _sp_check_group(hcom, world_size, "R4")
-    fn = _mm_reduce_scatter_base_op if torch.compiler.is_compiling() else _rs_impl
+    fn = _mm_reduce_scatter_base_op if torch.compiler.is_compiling() and not ascend else _rs_impl
     return fn(
         input, x2, hcom, world_size, x1_scale, x2_scale, output_dtype, comm_mode, spec.out_dtype
     )

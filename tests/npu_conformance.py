@@ -56,6 +56,7 @@ __all__ = [
     "ConformanceTorchNpu",
     "IndexUnavailable",
     "converter_targets",
+    "converts",
     "ensure",
     "install",
     "hidden_torch_npu",
@@ -92,7 +93,18 @@ _META_PATHS = (
     "torch_npu/meta/_meta_registrations.py",
 )
 _CONVERTER_DIR = "torch_npu/dynamo/torchair/_ge_concrete_graph/ge_converter/"
-_CONVERTER_RE = re.compile(r"register_fx_node_ge_converter\(\s*torch\.ops\.npu\.(\w+)\.(\w+)")
+# every namespace (aten, prims, npu, c10d_functional, _c10d_functional, ...); an OpOverloadPacket
+# registration (no overload name, e.g. aten.sym_size) covers all its overloads
+_CONVERTER_RE = re.compile(
+    r"register_fx_node_ge_converter\(\s*torch\.ops\.(\w+)\.(\w+)(?:\.(\w+))?\s*\)"
+)
+_MANIFEST_FORMAT = 2  # 2: converters of every namespace (1: npu only)
+_KEEP_CONVERTERS = (
+    "custom/matmul_all_reduce.py",
+    "custom/all_gather_matmul.py",
+    "custom/matmul_reduce_scatter.py",
+    "c10d_functional/c10d_functional.py",
+)
 _FUNC_RE = re.compile(r"^\s*(?:-\s*)?func:\s*(\S.*?)\s*$")
 
 
@@ -144,17 +156,23 @@ def _extract(wheel: Path, out: Path) -> dict[str, Any]:
         converters: dict[str, list[str]] = {}
         for n in names:
             if n.startswith(_CONVERTER_DIR) and n.endswith(".py"):
-                for op, overload in _CONVERTER_RE.findall(z.read(n).decode("utf-8", "replace")):
-                    converters.setdefault(f"npu::{op}.{overload}", []).append(
-                        n[len(_CONVERTER_DIR) :]
-                    )
-        for keep in ("custom/matmul_all_reduce.py",):
+                text = z.read(n).decode("utf-8", "replace")
+                for ns, op, overload in _CONVERTER_RE.findall(text):
+                    qual = f"{ns}::{op}" + (f".{overload}" if overload else "")
+                    converters.setdefault(qual, []).append(n[len(_CONVERTER_DIR) :])
+        for keep in _KEEP_CONVERTERS:
             n = _CONVERTER_DIR + keep
             if n in names:
                 target = out / n
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(z.read(n))
-    return {"yaml": yamls, "meta": metas[0], "converters": converters, "wheel": wheel.name}
+    return {
+        "format": _MANIFEST_FORMAT,
+        "yaml": yamls,
+        "meta": metas[0],
+        "converters": converters,
+        "wheel": wheel.name,
+    }
 
 
 def ensure(version: str) -> Path:
@@ -166,12 +184,12 @@ def ensure(version: str) -> Path:
         raise ValueError(f"version: {version!r} is not in the conformance matrix {VERSIONS}")
     out = CACHE / version
     manifest = out / "manifest.json"
-    if manifest.exists():
+    if _current(manifest):
         return out
     CACHE.mkdir(parents=True, exist_ok=True)
     with open(CACHE / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent pytest runs share one download
-        if manifest.exists():
+        if _current(manifest):
             return out
         with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
             wheel = _download(version, Path(tmp))
@@ -182,6 +200,14 @@ def ensure(version: str) -> Path:
                 shutil.rmtree(out)
             staging.rename(out)
     return out
+
+
+def _current(manifest: Path) -> bool:
+    """The cached extraction exists and has this harness's manifest format."""
+    try:
+        return json.loads(manifest.read_text()).get("format") == _MANIFEST_FORMAT
+    except (OSError, ValueError):
+        return False
 
 
 def _manifest(version: str) -> dict[str, Any]:
@@ -202,8 +228,14 @@ def schemas(version: str) -> dict[str, str]:
 
 
 def converter_targets(version: str) -> set[str]:
-    """Qualified names (``"npu::npu_mm_all_reduce_base.default"``) torchair can lower."""
+    """Qualified names (``"npu::npu_mm_all_reduce_base.default"``, ``"aten::mm.default"``,
+    ``"aten::sym_size"`` for a whole packet) of the ops torchair's GE converters lower."""
     return set(_manifest(version)["converters"])
+
+
+def converts(targets: set[str], qualname: str) -> bool:
+    """Whether ``qualname`` (``"ns::op.overload"``) is in ``targets`` (itself or its packet)."""
+    return qualname in targets or qualname.rsplit(".", 1)[0] in targets
 
 
 # --------------------------------------------------------------------------------------------
@@ -379,6 +411,19 @@ def _cpu_kernels(double: npu_double.TorchNpuDouble, codes: dict[int, torch.dtype
     def get_npu_format(op: Any) -> Callable[..., Any]:
         return lambda t: double.get_npu_format(t)
 
+    def sp(name: str) -> Callable[[Any], Callable[..., Any]]:
+        # npu_all_gather_base_mm / npu_mm_reduce_scatter_base: `self` is the double's input
+        def make(op: Any) -> Callable[..., Any]:
+            def kernel(*args: Any, **kwargs: Any) -> Any:
+                b = _bind(op, args, kwargs)
+                if "output_dtype" in b:
+                    b["output_dtype"] = dtype(b["output_dtype"])
+                return getattr(double, name)(b.pop("self"), **b)
+
+            return kernel
+
+        return make
+
     return {
         "npu_mm_all_reduce_base": mm_all_reduce_base,
         "npu_quant_matmul": quant_matmul,
@@ -388,6 +433,8 @@ def _cpu_kernels(double: npu_double.TorchNpuDouble, codes: dict[int, torch.dtype
         "npu_dynamic_quant": dynamic_quant,
         "npu_format_cast": format_cast,
         "get_npu_format": get_npu_format,
+        "npu_all_gather_base_mm": sp("npu_all_gather_base_mm"),
+        "npu_mm_reduce_scatter_base": sp("npu_mm_reduce_scatter_base"),
     }
 
 

@@ -17,6 +17,11 @@ once installed):
   the ``torch.distributed`` group named by ``hcom``.
 * ``npu_trans_quant_param``, ``npu_quantize``, ``npu_dynamic_quant``, ``npu_quant_matmul``,
   ``npu_weight_quant_batchmatmul``: doc semantics (RINT = round half to even, int8 saturation).
+* ``npu_all_gather_base_mm`` / ``npu_mm_reduce_scatter_base`` (op-plugin
+  ``docs/context/torch_npu-npu_all_gather_base_mm.md`` / ``-npu_mm_reduce_scatter_base.md``):
+  the docs' constraints, the rows gathered exactly in rank order, each rank's matmul in float64
+  (int8: exact integer accumulation, then the scales) rounded once to the output dtype; the
+  reduce-scatter sums those in float32, rounded once, and keeps this rank's rows.
 * ``npu_format_cast(t, fmt)`` (fmt ``2`` = ND, ``29`` = FRACTAL_NZ) returns a fresh tensor with
   the same logical values; the format is recorded against the tensor's *storage*, so views
   (``.t()``), ``nn.Parameter`` wrappers and ``.data`` aliases keep it, like the real storage
@@ -857,6 +862,233 @@ class TorchNpuDouble(types.ModuleType):
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
         r = _rint_saturate(summed * (s1f / s2f), torch.int8)
         return (r.float() * s2f).to(out_dtype)
+
+    # ---------------------------------------------------------------- sequence-parallel ops
+
+    def npu_all_gather_base_mm(
+        self,
+        input: torch.Tensor,
+        x2: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        *,
+        bias: torch.Tensor | None = None,
+        x1_scale: torch.Tensor | None = None,
+        x2_scale: torch.Tensor | None = None,
+        gather_index: int = 0,
+        gather_output: bool = True,
+        comm_turn: int = 0,
+        output_dtype: torch.dtype | None = None,
+        comm_mode: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``output = allgather(x1) @ x2`` (quantized: ``(allgather(x1_scale) * x2_scale) *
+        (allgather(x1) @ x2)``), ``gather_out = allgather(x1)`` or an empty (0,) tensor.
+
+        input (m, k) per rank; output (m * world_size, n); doc: op-plugin
+        docs/context/torch_npu-npu_all_gather_base_mm.md.
+        """
+        args = dict(input=input, x2=x2, hcom=hcom, world_size=world_size, bias=bias,
+                    x1_scale=x1_scale, x2_scale=x2_scale, gather_index=gather_index,
+                    gather_output=gather_output, comm_turn=comm_turn,
+                    output_dtype=output_dtype, comm_mode=comm_mode)  # fmt: skip
+        return self._run("npu_all_gather_base_mm", args, lambda: self._all_gather_mm(**args))
+
+    def npu_mm_reduce_scatter_base(
+        self,
+        input: torch.Tensor,
+        x2: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        *,
+        reduce_op: str = "sum",
+        bias: torch.Tensor | None = None,
+        x1_scale: torch.Tensor | None = None,
+        x2_scale: torch.Tensor | None = None,
+        comm_turn: int = 0,
+        output_dtype: torch.dtype | None = None,
+        comm_mode: str | None = None,
+    ) -> torch.Tensor:
+        """``output = reducescatter(x1 @ x2)`` (quantized: ``(x1_scale * x2_scale) * (x1 @
+        x2)`` per rank); input (m, k), m divisible by world_size; output (m / world_size, n).
+        Doc: op-plugin docs/context/torch_npu-npu_mm_reduce_scatter_base.md."""
+        args = dict(input=input, x2=x2, hcom=hcom, world_size=world_size, reduce_op=reduce_op,
+                    bias=bias, x1_scale=x1_scale, x2_scale=x2_scale, comm_turn=comm_turn,
+                    output_dtype=output_dtype, comm_mode=comm_mode)  # fmt: skip
+        return self._run(
+            "npu_mm_reduce_scatter_base", args, lambda: self._mm_reduce_scatter(**args)
+        )
+
+    def _check_sp(
+        self,
+        op: str,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        bias: torch.Tensor | None,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        comm_turn: int,
+        output_dtype: torch.dtype | None,
+        comm_mode: str | None,
+    ) -> tuple[dist.ProcessGroup | None, torch.dtype]:
+        """The two docs' shared constraints; returns (group, output dtype)."""
+        _require(
+            isinstance(x1, torch.Tensor) and isinstance(x2, torch.Tensor), op, "x1/x2: Tensors"
+        )
+        _require(
+            x1.dtype in (torch.int8, *_FP_DTYPES) and x2.dtype == x1.dtype,
+            op,
+            f"x1 {x1.dtype} / x2 {x2.dtype}: fp16, bf16 or int8, the same for both",
+        )
+        _require(x1.dim() == 2 and x2.dim() == 2, op, "x1 (m, k) and x2 (k, n) must be 2-D")
+        _require(x1.numel() > 0 and x2.numel() > 0, op, "x1/x2 must not be empty")
+        _require(x1.is_contiguous(), op, "x1 must be contiguous")
+        _require(self._formats.get(x1) == FORMAT_ND, op, "x1 must be in ND format")
+        k = x1.shape[1]
+        _require(x2.shape[0] == k, op, f"x2.shape[0]={x2.shape[0]} must equal k={k}")
+        _require(256 <= k < _QUANT_DIM_MAX, op, f"k={k} must be in [256, 65535)")
+        _require(bias is None, op, "bias: only None is supported")
+        _require(comm_turn == 0, op, f"comm_turn must be 0, got {comm_turn!r}")
+        _require(
+            comm_mode in (None, "ai_cpu", "aiv"),
+            op,
+            f"comm_mode {comm_mode!r} not None/'ai_cpu'/'aiv'",
+        )
+        if self._formats.get(x2) == FORMAT_FRACTAL_NZ:
+            _require(comm_mode == "aiv", op, "an NZ x2 needs comm_mode='aiv'")
+        out_dtype = self._sp_out_dtype(op, x1, x2, x1_scale, x2_scale, output_dtype, comm_mode)
+        group, world = self._resolve_hcom(hcom)
+        _require(
+            world_size == world and world in (2, 4, 8),
+            op,
+            f"world_size={world_size!r} must be the domain's size {world} (2, 4 or 8)",
+        )
+        return group, out_dtype
+
+    @staticmethod
+    def _sp_out_dtype(
+        op: str,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        output_dtype: torch.dtype | None,
+        comm_mode: str | None,
+    ) -> torch.dtype:
+        """The scenario's scale / output-dtype constraints; returns the output dtype."""
+        n = x2.shape[1]
+        if x1.dtype != torch.int8:
+            _require(x1_scale is None and x2_scale is None, op, "x1_scale/x2_scale: quantized only")
+            _require(output_dtype in (None, x1.dtype), op, f"output_dtype {output_dtype}")
+            return x1.dtype
+        _require(comm_mode == "aiv", op, "the quantized scenario needs comm_mode='aiv'")
+        _require(x2_scale is not None, op, "x2_scale is required in the quantized scenario")
+        assert x2_scale is not None
+        _require(
+            x2_scale.dtype in (torch.float32, torch.int64) and tuple(x2_scale.shape) == (1, n),
+            op,
+            f"x2_scale must be float32 or int64 (1, n={n}), got {x2_scale.dtype} "
+            f"{tuple(x2_scale.shape)}",
+        )
+        if x1_scale is not None:
+            _require(
+                x1_scale.dtype == torch.float32 and tuple(x1_scale.shape) == (x1.shape[0], 1),
+                op,
+                f"x1_scale must be float32 (m, 1), got {x1_scale.dtype} {tuple(x1_scale.shape)}",
+            )
+        if x2_scale.dtype == torch.int64:
+            _require(output_dtype in (None, torch.float16), op, "int64 x2_scale: float16 output")
+            return torch.float16
+        _require(
+            output_dtype in (None, torch.float16, torch.bfloat16),
+            op,
+            f"output_dtype {output_dtype} not float16/bfloat16",
+        )
+        return output_dtype or torch.bfloat16
+
+    def _sp_matmul(
+        self,
+        x1: torch.Tensor,
+        x2: torch.Tensor,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        out_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """One rank's matmul rounded once to ``out_dtype``: float64 (FP), or exact int
+        accumulation dequantized as npu_quant_matmul does (a float32 scale without per-token
+        scale and fp16 output keeps the 19 bits the packing keeps)."""
+        if x2_scale is None:
+            return (x1.double() @ x2.double()).to(out_dtype)
+        if x2_scale.dtype == torch.int64:
+            scale = _decode_packed_scale(x2_scale, "sp")[0]
+        elif out_dtype == torch.float16 and x1_scale is None:
+            scale = _truncate_f32_scale(x2_scale)
+        else:
+            scale = x2_scale.float()
+        v = _int_matmul(x1, x2).double() * scale.double().reshape(1, -1)
+        if x1_scale is not None:
+            v = v * x1_scale.double().reshape(-1, 1)
+        return v.to(out_dtype)
+
+    def _all_gather_mm(
+        self,
+        input: torch.Tensor,
+        x2: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        bias: torch.Tensor | None,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        gather_index: int,
+        gather_output: bool,
+        comm_turn: int,
+        output_dtype: torch.dtype | None,
+        comm_mode: str | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        op = "all_gather_base_mm"
+        group, out_dtype = self._check_sp(op, input, x2, hcom, world_size, bias, x1_scale,
+                                          x2_scale, comm_turn, output_dtype, comm_mode)  # fmt: skip
+        _require(gather_index == 0, op, f"gather_index must be 0, got {gather_index!r}")
+        _require(isinstance(gather_output, bool), op, "gather_output must be a bool")
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            parts = [torch.empty_like(t) for _ in range(world_size)]
+            dist.all_gather(parts, t.contiguous(), group=group)
+            return torch.cat(parts)
+
+        gathered = gather(input)
+        scales = None if x1_scale is None else gather(x1_scale)
+        out = self._sp_matmul(gathered, x2, scales, x2_scale, out_dtype)
+        return out, gathered if gather_output else input.new_empty((0,))
+
+    def _mm_reduce_scatter(
+        self,
+        input: torch.Tensor,
+        x2: torch.Tensor,
+        hcom: str,
+        world_size: int,
+        reduce_op: str,
+        bias: torch.Tensor | None,
+        x1_scale: torch.Tensor | None,
+        x2_scale: torch.Tensor | None,
+        comm_turn: int,
+        output_dtype: torch.dtype | None,
+        comm_mode: str | None,
+    ) -> torch.Tensor:
+        op = "mm_reduce_scatter_base"
+        group, out_dtype = self._check_sp(op, input, x2, hcom, world_size, bias, x1_scale,
+                                          x2_scale, comm_turn, output_dtype, comm_mode)  # fmt: skip
+        _require(reduce_op == "sum", op, f"reduce_op must be 'sum', got {reduce_op!r}")
+        m = input.shape[0]
+        _require(m % world_size == 0, op, f"m={m} must be divisible by world_size={world_size}")
+        # the per-rank value rounded to the output dtype, summed in float32 (as the fused
+        # all-reduce above), this rank's block of rows kept
+        buf = self._sp_matmul(input, x2, x1_scale, x2_scale, out_dtype).float()
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=group)
+        rows = m // world_size
+        r = dist.get_rank(group)
+        return buf[r * rows : (r + 1) * rows].to(out_dtype)
 
     # ---------------------------------------------------------------- helper kernels
 

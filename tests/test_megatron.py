@@ -341,3 +341,77 @@ def test_import_tp_layers_does_not_import_megatron() -> None:
     )
     root = Path(__file__).resolve().parents[1]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=120)
+
+
+# -- the Ascend backend ----------------------------------------------------------------------
+
+# schemes a Megatron float shard can be quantized to on load (static W8A8 needs calibration)
+ASCEND_SCHEMES = ("fp", "w8a16", "w8a8_dynamic")
+
+
+def _ascend_gpt_body(rank: int, ws: int, impl: str) -> dict:
+    """A bf16 GPTModel with our layers per scheme on the Ascend backend (the double or a
+    release) vs the same model on the portable backend: one prefill forward each."""
+    from layer_cases import SCHEMES
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.tensor_parallel import random as mrandom
+    from npu_conformance import install_impl, uninstall_impl
+
+    import ascend_ops
+    from tp_layers.megatron import gpt_layer_spec
+
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=ws)
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    parallel_state._GLOBAL_MEMORY_BUFFER = _CpuMemoryBuffer()
+    tnpu = install_impl(impl)
+    out: dict = {}
+    # Megatron's torch-norm fallback (no Apex) is built in the default dtype
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        config = _config(ws)
+        config.params_dtype = config.bf16 = torch.bfloat16
+        ref_sd = _gpt(config, get_gpt_layer_local_spec(), seed=1234).state_dict()
+        g = torch.Generator().manual_seed(7)
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+        mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+        for name in ASCEND_SCHEMES:
+            scheme = SCHEMES[name]
+            quant = None if not scheme.is_quantized else scheme
+            portable = _gpt(config, gpt_layer_spec(quant=quant), seed=1)
+            portable.load_state_dict(ref_sd, strict=True)
+            with ascend_ops.use_backend("ascend"):
+                ours = _gpt(config, gpt_layer_spec(quant=quant), seed=1)
+                ours.load_state_dict(ref_sd, strict=True)
+            with torch.no_grad():
+                want = portable(ids, pos, mask).float()
+                tnpu.reset()
+                with ascend_ops.use_backend("ascend"):
+                    got = ours(ids, pos, mask).float()
+            fused = tnpu.calls_named("npu_mm_all_reduce_base")
+            out[name] = {
+                "fused": len(fused),
+                "errors": [c.error for c in fused if c.error],
+                "err": (got - want).abs().max().item(),
+                "scale": want.abs().max().item(),
+            }
+    finally:
+        torch.set_default_dtype(default_dtype)
+        uninstall_impl(impl)
+        parallel_state.destroy_model_parallel()
+        mrandom.initialize_rng_tracker(force_reset=True)
+    return out
+
+
+def test_gpt_on_ascend_backend(npu_impl: str) -> None:
+    from npu_conformance import run_on
+
+    for r in run_on(npu_impl, 2, _ascend_gpt_body):
+        for name, m in r.items():
+            # 2 row layers per transformer layer, 2 layers: each one fused call in prefill
+            assert m["fused"] == 4 and not m["errors"], (name, m)
+            # bf16: the Ascend kernels and the portable golden round the same values, up to
+            # the order of the per-rank sums
+            assert m["err"] <= 2**-6 * m["scale"], (name, m)

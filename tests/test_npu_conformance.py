@@ -21,6 +21,7 @@ from layer_cases import make_input
 from npu_conformance import (
     VERSIONS,
     converter_targets,
+    converts,
     hidden_torch_npu,
     install_impl,
     run_on,
@@ -57,8 +58,13 @@ def test_release_has_the_ops_and_converters(npu_impl: str) -> None:
     for op in (*VERSIONED_ARGS, "npu_quantize", "npu_dynamic_quant", "npu_format_cast"):
         assert op in have, (npu_impl, op)
     targets = converter_targets(npu_impl)
-    for op in ("npu_mm_all_reduce_base", "npu_quant_matmul", "npu_weight_quant_batchmatmul"):
+    for op in (
+        "npu_mm_all_reduce_base", "npu_quant_matmul", "npu_weight_quant_batchmatmul",
+        "npu_all_gather_base_mm", "npu_mm_reduce_scatter_base",
+    ):  # fmt: skip
         assert f"npu::{op}.default" in targets, (npu_impl, op)
+    for op in ("all_reduce", "all_gather_into_tensor", "wait_tensor"):  # graph-mode decode
+        assert f"c10d_functional::{op}.default" in targets, (npu_impl, op)
 
 
 def _adapt_body(rank: int, ws: int, impl: str) -> dict[str, list[str]]:
@@ -191,7 +197,7 @@ def test_legacy_release_x3_and_missing_arguments(torch_npu_double, monkeypatch) 
 # ---------------------------------------------------------------------------------- graph mode
 
 SCHEMES = ("fp", "w8a16", "w8a8", "w8a8_dynamic")
-KINDS = ("column", "merged", "qkv", "row")
+KINDS = ("column", "column_gather", "merged", "qkv", "row")
 
 
 class _AllKinds(torch.nn.Module):
@@ -243,12 +249,21 @@ def _compile_body(rank: int, ws: int, impl: str) -> dict[str, list[str]]:
                     a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
                     assert torch.equal(a, b), (scheme, phase)
                 assert len(graphs) == 1, (scheme, phase, len(graphs))
-                seen[f"{scheme}/{phase}"] = [
-                    str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"
-                ]
+                seen[f"{scheme}/{phase}"] = graph_targets(graphs[0])
     finally:
         uninstall_impl(impl)
     return seen
+
+
+def graph_targets(gm: torch.fx.GraphModule) -> list[str]:
+    """The ATen-level graph's call targets: ops as ``"ns.op.overload"``, others by name (only
+    ``operator.getitem`` is expected: torchair unpacks tuple outputs itself)."""
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function":
+            t = n.target
+            out.append(str(t) if isinstance(t, torch._ops.OpOverload) else f"py:{t.__name__}")
+    return out
 
 
 def _qualname(target: str) -> str:
@@ -256,16 +271,35 @@ def _qualname(target: str) -> str:
     return f"{ns}::{rest}"
 
 
+def assert_torchair_lowers(version: str, targets: list[str], key: object) -> None:
+    """Every op of the graph has a GE converter in ``version``'s torchair.
+
+    torchair registers the native ``_c10d_functional`` converters only under torch >= 2.3.1
+    (ge_converter/c10d_functional/c10d_functional.py: ``if torch.__version__ >= '2.3.1'``); a
+    release built for older torch (2.1.0.post8 pairs with torch 2.1) converts the legacy
+    ``c10d_functional`` ops, which the same functional-collective call emits there (torch 2.1
+    torch/distributed/_functional_collectives.py: ``torch.ops.c10d_functional.all_reduce``).
+    """
+    converters = converter_targets(version)
+    legacy = not any(t.startswith("_c10d_functional::") for t in converters)
+    for t in targets:
+        if t.startswith("py:"):
+            assert t == "py:getitem", (key, t)
+            continue
+        q = _qualname(t)
+        if legacy and q.startswith("_c10d_functional::"):
+            q = q[1:]
+        assert converts(converters, q), (version, key, t)  # torchair can lower it
+
+
 @pytest.mark.parametrize("npu_impl", VERSIONS, indirect=True)
 def test_compiled_layers_lower_to_vendor_ops(npu_impl: str) -> None:
-    converters = converter_targets(npu_impl)
     for seen in run_on(npu_impl, 2, _compile_body, timeout=600):
         for key, targets in seen.items():
             scheme, phase = key.split("/")
             npu_ops = [t for t in targets if t.startswith("npu.")]
-            for t in npu_ops:
-                assert _qualname(t) in converters, (key, t)  # torchair can lower it
-            assert not any(t.startswith("ascend_ops.mm_all_reduce_base") for t in targets), key
+            assert_torchair_lowers(npu_impl, targets, key)
+            assert not any(t.startswith("ascend_ops.") for t in targets), key
             fused = npu_ops.count("npu.npu_mm_all_reduce_base.default")
             assert fused == (1 if phase == "prefill" else 0), (key, targets)
             if scheme == "w8a16":
@@ -274,8 +308,9 @@ def test_compiled_layers_lower_to_vendor_ops(npu_impl: str) -> None:
                 assert "npu.npu_quant_matmul.default" in npu_ops, key
                 quant = "npu_dynamic_quant" if scheme.endswith("dynamic") else "npu_quantize"
                 assert f"npu.{quant}.default" in npu_ops, key
-            if phase == "decode":
-                assert any(t.startswith("ascend_ops.all_reduce") for t in targets), key
+            if phase == "decode":  # row: all_reduce; column_gather: all_gather_into_tensor
+                for op in ("all_reduce", "all_gather_into_tensor", "wait_tensor"):
+                    assert f"_c10d_functional.{op}.default" in targets, (key, op)
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -1,13 +1,11 @@
 """all_gather_base_mm / mm_reduce_scatter_base on 1, 2 and 4 gloo ranks vs an independent float64
-model of the vendor formulas, every rule G1-G13 / R1-R13 with a call that breaks it, the Ascend
-call path (a recording torch_npu stand-in), and torch.compile(fullgraph=True)."""
+model of the vendor formulas, every rule G1-G13 / R1-R13 with a call that breaks it, and
+torch.compile(fullgraph=True). The Ascend path: tests/test_npu_sp.py."""
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import sys
-import types
 
 import pytest
 import torch
@@ -366,41 +364,6 @@ def test_validation_runs_before_any_collective(monkeypatch: pytest.MonkeyPatch) 
     x, w = _fp()
     with torch.no_grad(), pytest.raises(ValueError, match=r"\(G5\)"):
         ao.all_gather_base_mm(x, w, "local", 1, bias=torch.zeros(N).to(BF))
-
-
-# -- Ascend call path ----------------------------------------------------------------------
-
-
-def test_ascend_path_calls_torch_npu_with_non_default_kwargs(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    calls: list = []
-
-    def ag(input, x2, hcom, world_size, **kw):
-        calls.append(("ag", hcom, world_size, kw))
-        return torch.zeros(input.shape[0] * world_size, x2.shape[1]), torch.zeros(0)
-
-    def rs(input, x2, hcom, world_size, **kw):
-        calls.append(("rs", hcom, world_size, kw))
-        return torch.zeros(input.shape[0] // world_size, x2.shape[1])
-
-    fake = types.SimpleNamespace(
-        npu_all_gather_base_mm=ag, npu_mm_reduce_scatter_base=rs, get_npu_format=lambda t: 2
-    )
-    monkeypatch.setitem(sys.modules, "torch_npu", fake)
-    x, w = _fp()
-    with torch.no_grad(), ao.use_backend("ascend"):
-        out, _ = ao.all_gather_base_mm(x, w, "hccl_x", 2)
-        assert out.shape == (2 * M, N)
-        ao.all_gather_base_mm(x, w, "hccl_x", 4, gather_output=False, comm_mode="aiv")
-        ao.mm_reduce_scatter_base(xq, wq, "hccl_x", 2, x1_scale=s1, x2_scale=s2, comm_mode="aiv")
-        with pytest.raises(TypeError, match=r"\(R1\)"):  # fp32 refused before torch_npu is called
-            ao.mm_reduce_scatter_base(x.float(), w.float(), "hccl_x", 2)
-    assert calls[0] == ("ag", "hccl_x", 2, {})
-    assert calls[1] == ("ag", "hccl_x", 4, {"gather_output": False, "comm_mode": "aiv"})
-    name, _, _, kw = calls[2]
-    assert name == "rs" and set(kw) == {"x1_scale", "x2_scale", "comm_mode"}
-    assert len(calls) == 3
 
 
 # -- torch.compile(fullgraph=True) ----------------------------------------------------------
