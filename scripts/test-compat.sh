@@ -9,8 +9,9 @@
 # project with a plain `pip install .` (not editable: this checks the packaging; fails if it
 # changed torch), then `pip install .[test,hf,megatron] torch==$TORCH`, and runs
 # `pytest -m "not slow"` from the tree. Pip downloads are cached in
-# .cache/compat/pip and torch's wheels (with its CUDA libraries) in .cache/compat/wheels. The suite gets ASCEND_CONFORMANCE_VERSIONS=$TORCH (torch_npu pairs one-to-one
-# with torch: a conformance test reads the torch_npu wheel of that version).
+# .cache/compat/pip and torch's wheels (with its CUDA libraries) in .cache/compat/wheels. The
+# suite gets ASCEND_CONFORMANCE_VERSIONS=$TORCH: torch_npu pairs one-to-one with torch, so the
+# conformance tests run on the newest torch_npu $TORCH[.postN] for that Python (tests/npu_conformance.py).
 #
 # Environment:
 #   COMPAT_TORCH_INDEX  index URL for the torch step only (e.g. PyTorch's CPU wheel index, far

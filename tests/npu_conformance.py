@@ -35,6 +35,7 @@ import ast
 import contextlib
 import fcntl
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -65,9 +66,44 @@ __all__ = [
     "schemas",
 ]
 
-VERSIONS: tuple[str, ...] = ("2.1.0.post8", "2.7.1", "2.13.0", "2.14.0")
-"""Oldest and newest torch_npu for Python 3.11, the project's pin (2.13.0), and 2.7.1 (the
-first with ``npu_quant_matmul(group_sizes)`` and ``npu_trans_quant_param(round_mode)``)."""
+_ENV = os.environ.get("ASCEND_CONFORMANCE_VERSIONS", "").replace(",", " ").split()
+_WHEEL_PYTHON = f"{sys.version_info[0]}.{sys.version_info[1]}" if _ENV else "3.11"
+
+
+def _matrix(default: tuple[str, ...]) -> tuple[str, ...]:
+    """``$ASCEND_CONFORMANCE_VERSIONS`` (set by scripts/test-compat.sh), else ``default``. An
+    entry ``2.7.1`` (a torch version) is the newest torch_npu ``2.7.1[.postN]`` with a wheel for
+    this Python (offline: the newest one extracted already), ``==V`` the release V; spawned
+    workers inherit the resolved ``==V`` list."""
+    out = []
+    for v in _ENV:
+        if not v.startswith("=="):
+            pat = re.compile(re.escape(v) + r"(\.post\d+)?")
+            proc = subprocess.run(
+                [sys.executable, "-m", "pip", "index", "versions", "torch_npu",
+                 "--python-version", _WHEEL_PYTHON], capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            m = re.search(r"Available versions: (.*)", proc.stdout)  # newest first
+            found = [r for r in (m.group(1).split(", ") if m else ()) if pat.fullmatch(r)]
+            tag = f"-cp{_WHEEL_PYTHON.replace('.', '')}-"
+            cached = [  # manifest.json of a release extracted from this Python's wheel
+                f.parent.name
+                for f in (Path(__file__).resolve().parent.parent / ".cache/torch_npu").glob(
+                    "*/manifest.json"
+                )
+                if pat.fullmatch(f.parent.name) and tag in json.loads(f.read_text())["wheel"]
+            ]
+            cached.sort(key=lambda r: int(r.partition(".post")[2] or -1))
+            v = "==" + (found or cached[::-1] or [v])[0]
+        out.append(v)
+    if out:
+        os.environ["ASCEND_CONFORMANCE_VERSIONS"] = " ".join(out)
+    return tuple(v[2:] for v in out) or default
+
+
+VERSIONS: tuple[str, ...] = _matrix(("2.1.0.post8", "2.7.1", "2.13.0", "2.14.0"))
+"""Default: oldest and newest torch_npu for Python 3.11, the project's pin (2.13.0), and 2.7.1
+(the first with ``npu_quant_matmul(group_sizes)`` and ``npu_trans_quant_param(round_mode)``)."""
 
 IMPLS: tuple[str, ...] = ("double", *VERSIONS)
 """What a test can run the Ascend backend on: the strict double, or a release of the matrix."""
@@ -125,7 +161,7 @@ def _pip(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _download(version: str, dest: Path) -> Path:
     proc = _pip(
-        "download", "--no-deps", "--only-binary=:all:", "--python-version", "3.11",
+        "download", "--no-deps", "--only-binary=:all:", "--python-version", _WHEEL_PYTHON,
         "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux2014_x86_64",
         "--platform", "manylinux_2_17_x86_64", "-d", str(dest), f"torch_npu=={version}",
     )  # fmt: skip
