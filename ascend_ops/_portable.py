@@ -205,10 +205,10 @@ def _int8pack_ok(
         and x2d.device.type == "cpu"
         and x2d.dtype == torch.bfloat16
         and weight.dim() == 2
-        # the CPU kernel reads k in blocks of 8: other k give garbage or crash (measured: k in
-        # {1, 3, 12, 33} fail, multiples of 8 are exact)
-        and weight.shape[0] % 8 == 0
-        and weight.shape[0] > 1
+        # the CPU kernel reads k in blocks: other k give garbage or crash. Measured: on AVX2
+        # multiples of 8 are exact; on an AMX host k = 8, 24, 40, 56, 72, 136 are wrong or
+        # segfault (n = 2, 3 at k = 8) while multiples of 16 are exact
+        and weight.shape[0] % 16 == 0
         and weight.stride(0) == 1  # the (n, k) storage of prepare_w8a16_weight, no view made
         and weight.stride(1) == weight.shape[0]
         and antiquant_scale.numel() in (1, weight.shape[1])

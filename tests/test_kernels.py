@@ -357,6 +357,18 @@ def test_w8a16_fast_path_not_used_outside_its_domain(monkeypatch: pytest.MonkeyP
     assert not _portable._int8pack_ok(x, w, s, None, 0)  # m above the measured switch
 
 
+@pytest.mark.parametrize(("k", "n"), [(8, 2), (8, 3), (8, 16), (24, 5), (40, 3), (136, 7)])
+def test_w8a16_k_off_the_kernels_block_takes_the_golden(k: int, n: int) -> None:
+    """k that is not a multiple of 16 crashes or corrupts torch._weight_int8pack_mm on some CPUs
+    (AMX): such weights take the golden path, and the result matches it exactly."""
+    x = torch.randn(1, k, generator=_gen(41)).to(torch.bfloat16)
+    w = prepare_w8a16_weight(_i8((k, n), 42))
+    s = torch.rand(1, generator=_gen(43)).to(torch.bfloat16) + 0.5
+    assert not _portable._int8pack_ok(x, w, s, None, 0)
+    got = _portable.weight_quant_matmul(x, w, s)
+    assert torch.equal(got, _golden_w8a16(x, w, s, None, 0, None).to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("m", [3, 40])  # below / above BF16_GEMM_MAX_M
 @pytest.mark.parametrize("terms", ["none", "bias", "x3", "both", "bias_f32"])
 def test_fp_matmul_bf16_rounding_order(m: int, terms: str) -> None:
