@@ -97,6 +97,7 @@ class VocabParallelEmbedding(ShardedModule):
         self._device = torch.device(device) if device is not None else torch.get_default_device()
         self._processed = False
         self.kernel_args: dict[str, Any] = {}
+        self.param_views: dict[str, torch.Tensor | None] = {}
         if self.num_embeddings_padded != num_embeddings:
             self.source_padding = SourcePadding(0, num_embeddings, self.num_embeddings_padded)
         self._add_params(False)
@@ -121,10 +122,10 @@ class VocabParallelEmbedding(ShardedModule):
             raise TypeError(f"{self.where}: ids must be an integer tensor, got {ids!r:.60}")
         self._ensure_processed()
         if self.tp.size == 1:
-            return F.embedding(ids, self.weight)
+            return F.embedding(ids, self.param_views["weight"])
         outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)
         local = (ids - self.vocab_start_index).masked_fill(outside, 0)
-        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0)
+        out = F.embedding(local, self.param_views["weight"]).masked_fill(outside.unsqueeze(-1), 0)
         return ascend_ops.all_reduce(out, self.tp.hcom, inplace=True)
 
     def extra_repr(self) -> str:
@@ -184,6 +185,11 @@ class ParallelLMHead(VocabParallelEmbedding):
                 return tied.weight
         return super().__getattr__(name)
 
+    def _ensure_processed(self) -> None:
+        super()._ensure_processed()
+        if self._tied is not None:
+            self._tied._ensure_processed()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., embedding_dim) -> (..., num_embeddings) or the local shard."""
         if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.embedding_dim,):
@@ -192,7 +198,8 @@ class ParallelLMHead(VocabParallelEmbedding):
                 f"got {getattr(x, 'shape', type(x).__name__)}"
             )
         self._ensure_processed()
-        y = F.linear(x, self.weight, self.bias)
+        weight = (self if self._tied is None else self._tied).param_views["weight"]
+        y = F.linear(x, weight, self.param_views["bias"])
         if not self.gather_output:
             if self.num_valid_local < self.num_embeddings_per_partition:
                 y[..., self.num_valid_local :] = float("-inf")

@@ -90,6 +90,7 @@ class ParallelLinearBase(ShardedModule):
         self._device = torch.device(device) if device is not None else torch.get_default_device()
         self._processed = False
         self.kernel_args: dict[str, Any] = {}
+        self.param_views: dict[str, torch.Tensor | None] = {}
         self._setup_sizes()
         self.scheme.validate_layer(self.output_size, self.input_size)
         self.method.create_weights(self)
@@ -115,13 +116,12 @@ class ParallelLinearBase(ShardedModule):
             )
         if x.dtype != self.params_dtype:
             raise TypeError(f"{self.where}: input dtype must be {self.params_dtype}, got {x.dtype}")
-        if x.device.type != self.weight.device.type:
-            raise ValueError(
-                f"{self.where}: input is on {x.device}, weights on {self.weight.device}"
-            )
+        w = self.param_views["weight"]
+        if x.device.type != w.device.type:
+            raise ValueError(f"{self.where}: input is on {x.device}, weights on {w.device}")
 
     def _output(self, y: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]:
-        return (y, self.bias) if self.skip_bias_add else y
+        return (y, self.param_views["bias"]) if self.skip_bias_add else y
 
     def _sp_path(self, op: str, x: torch.Tensor, tokens: int, allow: bool = True) -> str:
         """Sequence-parallel path: "local" (TP 1), else ``op`` ("ag" / "rs") + "_fused" in
@@ -189,7 +189,7 @@ class ColumnParallelLinear(ParallelLinearBase):
         (m, ..., output_size / tp)."""
         self._ensure_processed()
         self._check_input(x, self.input_size, "input_size")
-        bias = None if self.skip_bias_add else self.bias
+        bias = None if self.skip_bias_add else self.param_views["bias"]
         entry, self.sp_entry = self.sp_entry, None
         if entry is not None and x is entry[0]:  # computed by forward_sp_entry
             y = entry[1]
@@ -211,7 +211,7 @@ class ColumnParallelLinear(ParallelLinearBase):
         output without recomputing it."""
         self._ensure_processed()
         self._check_input(x, self.input_size, "input_size")
-        bias = None if self.skip_bias_add else self.bias
+        bias = None if self.skip_bias_add else self.param_views["bias"]
         y, full = self._sp_forward(x, bias, num_tokens, not self.scheme.is_quantized)
         self.sp_entry = (full, y)
         return full, y
@@ -423,7 +423,7 @@ class RowParallelLinear(ParallelLinearBase):
         parallel: x (m, ..., input_size / tp) -> this rank's token shard (m_r, ..., output_size),
         residual shaped like it."""
         x = self._local_input(x, residual)
-        bias = None if self.skip_bias_add else self.bias
+        bias = None if self.skip_bias_add else self.param_views["bias"]
         if self.sequence_parallel:
             return self._output(self._sp_forward(x, bias, residual))
         path = self._path(x)

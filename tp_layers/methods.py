@@ -36,7 +36,7 @@ class LinearLayer(Protocol):
     params_dtype: torch.dtype
     nz: bool
     adds_bias: bool
-    weight: torch.Tensor
+    param_views: dict[str, torch.Tensor | None]  # "weight": the (k, n) kernel weight
     kernel_args: dict[str, Any]
 
     def add_checkpoint_param(self, spec: TensorSpec) -> None: ...
@@ -115,7 +115,7 @@ class LinearMethod:
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """This rank's ``x @ W + bias + residual``: x (..., k_local) -> (..., n_local)."""
-        return self.scheme.linear(x, layer.weight, layer.kernel_args, bias, residual)
+        return self.scheme.linear(x, layer.param_views["weight"], layer.kernel_args, bias, residual)
 
     def apply_fused(
         self,
@@ -127,7 +127,9 @@ class LinearMethod:
     ) -> torch.Tensor:
         """``all_reduce(x @ W + bias) + residual`` in one ``mm_all_reduce_base`` call."""
         x1, kw = self.scheme.op_inputs(x, layer.kernel_args, bias)
-        return ascend_ops.mm_all_reduce_base(x1, layer.weight, hcom, x3=residual, **kw)
+        return ascend_ops.mm_all_reduce_base(
+            x1, layer.param_views["weight"], hcom, x3=residual, **kw
+        )
 
     # -- sequence parallelism: all_gather_base_mm / mm_reduce_scatter_base --------------------
     def sp_fusable(self) -> bool:
@@ -153,7 +155,13 @@ class LinearMethod:
         activation itself in FP; int8 when quantized), else None."""
         x1, kw = self.sp_inputs(layer, x.reshape(-1, x.shape[-1]))
         y, gathered = ascend_ops.all_gather_base_mm(
-            x1, layer.weight, hcom, world_size, gather_output=gather_input, comm_mode="aiv", **kw
+            x1,
+            layer.param_views["weight"],
+            hcom,
+            world_size,
+            gather_output=gather_input,
+            comm_mode="aiv",
+            **kw,
         )
         rows = (x.shape[0] * world_size, *x.shape[1:-1])
         return y.reshape(*rows, y.shape[-1]), (
@@ -167,7 +175,7 @@ class LinearMethod:
         m divisible by world_size -> this rank's (m / world_size, ..., n) rows of the sum."""
         x1, kw = self.sp_inputs(layer, x.reshape(-1, x.shape[-1]))
         y = ascend_ops.mm_reduce_scatter_base(
-            x1, layer.weight, hcom, world_size, comm_mode="aiv", **kw
+            x1, layer.param_views["weight"], hcom, world_size, comm_mode="aiv", **kw
         )
         return y.reshape(x.shape[0] // world_size, *x.shape[1:-1], y.shape[-1])
 

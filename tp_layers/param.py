@@ -113,6 +113,11 @@ class ShardedModule(nn.Module):
     tensors)`` returns the kernel arguments, ``"weight"`` installed as the weight), ``scheme``,
     ``prefix``, ``_device``, ``_processed``, ``kernel_args`` and ``source_padding``, and
     defines ``segments``.
+
+    The forward reads ``param_views`` (plain-tensor views of the registered parameters, same
+    storage, bound by ``install``), never the parameters: dynamo before torch 2.8 cannot trace
+    an ``nn.Parameter`` subclass (pytorch/pytorch#149792), and so cannot compile a forward that
+    touches a :class:`ShardedParameter`.
     """
 
     parallel: str = ""  # "row" | "column": SHARD_DIM's style
@@ -124,6 +129,8 @@ class ShardedModule(nn.Module):
     method: Any
     prefix: str
     kernel_args: dict[str, Any]
+    #: name -> plain ``torch.Tensor`` view of that parameter (None: a None parameter)
+    param_views: dict[str, torch.Tensor | None]
     _processed: bool
     _device: torch.device
 
@@ -275,7 +282,7 @@ class ShardedModule(nn.Module):
         for p in self.checkpoint_params().values():
             p.data = p.empty()
         self._processed = False
-        self.kernel_args = {}
+        self.kernel_args, self.param_views = {}, {}
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """The loaded local checkpoint-layout tensors by name (before processing)."""
@@ -289,13 +296,38 @@ class ShardedModule(nn.Module):
         ``process_weights_after_loading``; None: unprocessed) into use."""
         for name, t in (tensors or {}).items():
             set_data(self, name, t)
-        self.kernel_args, self._processed = {}, False
+        self.kernel_args, self.param_views, self._processed = {}, {}, False
         if args is not None:
             args = dict(args)
             weight = args.pop("weight", None)  # None: a tied weight another module holds
             if weight is not None:
                 set_data(self, "weight", weight)
             self.kernel_args, self._processed = args, True
+            self._bind_views()
+
+    def _bind_views(self) -> None:
+        """``param_views`` of the current parameters (``detach``: a plain tensor sharing the
+        parameter's storage, whatever its subclass)."""
+        self.param_views = {
+            n: None if p is None else p.detach() for n, p in self._parameters.items()
+        }
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> Any:
+        """``.to()`` / ``.cuda()`` / ...: the views follow the moved parameters."""
+        out = super()._apply(fn, recurse)
+        if self.__dict__.get("_processed"):
+            self._bind_views()
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state["param_views"] = {}  # rebound by __setstate__ (a copy would not share storage)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if state.get("_processed"):
+            self._bind_views()
 
     def process_weights_after_loading(self) -> None:
         """Transpose / NZ-cast / pack scales for the kernels. Idempotent."""
