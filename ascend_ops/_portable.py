@@ -382,10 +382,12 @@ def mm_local(
     dequant_scale: torch.Tensor | None = None,
     pertoken_scale: torch.Tensor | None = None,
     antiquant_group_size: int = 0,
+    output_dtype: torch.dtype | None = None,
     ops: ModuleType | None = None,
 ) -> torch.Tensor:
     """The fused op's per-rank value (everything but the all-reduce), by scenario.
 
+    output_dtype: W8A8 (int8 x1) only, default the dtype table's for ``dequant_scale``.
     ops: the module whose fp_matmul / weight_quant_matmul / quant_matmul compute it (default:
     this one; ``kernels`` passes itself to dispatch each call by backend).
     """
@@ -399,7 +401,7 @@ def mm_local(
             pertoken_scale=pertoken_scale,
             bias=bias,
             x3=x3,
-            output_dtype=w8a8_output_dtype(dequant_scale),
+            output_dtype=output_dtype or w8a8_output_dtype(dequant_scale),
         )
     if x2.dtype == torch.int8:
         assert antiquant_scale is not None

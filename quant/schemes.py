@@ -257,9 +257,10 @@ class Scheme:
         bias: torch.Tensor | None = None,
         x3: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x @ W + bias + x3`` on one rank: x (..., k), w_kn (k, n) -> (..., n)."""
+        """``x @ W + bias + x3`` on one rank: x (..., k), w_kn (k, n) -> (..., n), in
+        ``args["output_dtype"]`` where the scheme gives one (W8A8: fp32 too, for QuantLinear)."""
         x1, kw = self.op_inputs(x, args, bias)
-        return kernels.mm_local(x1, w_kn, x3=x3, **kw)
+        return kernels.mm_local(x1, w_kn, x3=x3, output_dtype=args.get("output_dtype"), **kw)
 
 
 def scheme_from_name(quant_type: str, group_size: int = 0, *, symmetric: bool = True) -> Scheme:
@@ -613,16 +614,3 @@ class W8A8(Scheme):
         if bias is not None:
             kw["bias"] = bias
         return x1, kw
-
-    def linear(
-        self,
-        x: torch.Tensor,
-        w_kn: torch.Tensor,
-        args: Mapping[str, Any],
-        bias: torch.Tensor | None = None,
-        x3: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """W8A8 on one rank, with the model dtype as output (fp32 too: QuantLinear)."""
-        x1, kw = self.op_inputs(x, args, bias)
-        scale = kw.pop("dequant_scale")
-        return kernels.quant_matmul(x1, w_kn, scale, output_dtype=args["output_dtype"], x3=x3, **kw)
