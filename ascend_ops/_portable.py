@@ -382,10 +382,12 @@ def mm_local(
     dequant_scale: torch.Tensor | None = None,
     pertoken_scale: torch.Tensor | None = None,
     antiquant_group_size: int = 0,
+    output_dtype: torch.dtype | None = None,
     ops: ModuleType | None = None,
 ) -> torch.Tensor:
     """The fused op's per-rank value (everything but the all-reduce), by scenario.
 
+    output_dtype: W8A8 (int8 x1) only, default the dtype table's for ``dequant_scale``.
     ops: the module whose fp_matmul / weight_quant_matmul / quant_matmul compute it (default:
     this one; ``kernels`` passes itself to dispatch each call by backend).
     """
@@ -399,7 +401,7 @@ def mm_local(
             pertoken_scale=pertoken_scale,
             bias=bias,
             x3=x3,
-            output_dtype=w8a8_output_dtype(dequant_scale),
+            output_dtype=output_dtype or w8a8_output_dtype(dequant_scale),
         )
     if x2.dtype == torch.int8:
         assert antiquant_scale is not None
@@ -506,13 +508,7 @@ def all_reduce(x: torch.Tensor, hcom: str, inplace: bool = False) -> torch.Tenso
 
 def all_gather_last_dim(x: torch.Tensor, hcom: str) -> torch.Tensor:
     """(..., n) on every rank -> (..., n * world_size) in rank order (copy for world size 1)."""
-    group = resolve_hcom(hcom)
-    if group is None:
-        return x.clone()
-    x = x.contiguous()
-    parts = [torch.empty_like(x) for _ in range(group.size())]
-    _collective("all_gather", hcom, group, lambda: dist.all_gather(parts, x, group=group))
-    return torch.cat(parts, dim=-1)
+    return _all_gather_along(x, hcom, -1, "all_gather")
 
 
 # -- sequence-parallel MC2 ops ----------------------------------------------------------------
@@ -613,15 +609,21 @@ def mm_reduce_scatter_base(
 # -- unfused token-dim collectives (sequence-parallel decode / schemes the MC2 kernels refuse) --
 
 
-def all_gather_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
-    """(m, ...) on every rank -> (m * world_size, ...) in rank order (copy for world size 1)."""
+def _all_gather_along(x: torch.Tensor, hcom: str, dim: int, what: str) -> torch.Tensor:
+    """``x`` of every rank concatenated along ``dim`` in rank order, contiguous (a copy for
+    world size 1); ``what`` names the collective in a failure."""
     group = resolve_hcom(hcom)
     if group is None:
         return x.clone()
-    xc = x.contiguous()
+    xc = x.movedim(dim, 0).contiguous()
     out = xc.new_empty((xc.shape[0] * group.size(), *xc.shape[1:]))
-    _collective("all_gather_dim0", hcom, group, lambda: _all_gather_single(out, xc, group=group))
-    return out
+    _collective(what, hcom, group, lambda: _all_gather_single(out, xc, group=group))
+    return out.movedim(0, dim).contiguous()
+
+
+def all_gather_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:
+    """(m, ...) on every rank -> (m * world_size, ...) in rank order (copy for world size 1)."""
+    return _all_gather_along(x, hcom, 0, "all_gather_dim0")
 
 
 def reduce_scatter_dim0(x: torch.Tensor, hcom: str) -> torch.Tensor:

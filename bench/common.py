@@ -30,6 +30,7 @@ __all__ = [
     "Ratio",
     "Target",
     "interleaved",
+    "operands",
     "plot_bars",
     "print_table",
     "print_targets",
@@ -53,11 +54,32 @@ class Ratio:
     def as_dict(self) -> dict[str, float]:
         return {"median": self.median, "min": self.lo, "max": self.hi}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> Ratio:
+        """The inverse of ``as_dict``."""
+        return cls(d["median"], d["min"], d["max"])
+
 
 def ratio(a: Sequence[float], b: Sequence[float]) -> Ratio:
     """Per-repeat ratios a_i / b_i of two interleaved series."""
     rs = [x / y for x, y in zip(a, b) if y > 0]
     return Ratio(statistics.median(rs), min(rs), max(rs))
+
+
+def operands(scheme: str, m: int, k: int, n: int, rank: int) -> tuple[Any, Any, Any]:
+    """Seeded per-rank operands: (x (m, k), w (k, n), the generator for further draws), w a
+    transposed view of (n, k) storage as the layers keep weights on CPU (tp_layers.methods).
+    ``"fp_bf16"``: bf16 randn, w scaled by 1 / sqrt(k); ``"w8a8"``: int8 in [-127, 127]."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 + rank)
+    if scheme == "fp_bf16":
+        x = torch.randn(m, k, generator=g).bfloat16()
+        return x, (torch.randn(n, k, generator=g) / k**0.5).bfloat16().t(), g
+    if scheme == "w8a8":
+        x = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+        return x, torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).t(), g
+    raise ValueError(f"scheme: expected 'fp_bf16' or 'w8a8', got {scheme!r}")
 
 
 def interleaved(

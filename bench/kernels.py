@@ -8,6 +8,7 @@ W8A16 at m <= 16 >= 4x faster than bf16; W8A8 at m = 2048 no slower than bf16.
 
 from __future__ import annotations
 
+from statistics import median_high
 from typing import Any
 
 from bench.common import (
@@ -77,11 +78,8 @@ def run(quick: bool = False) -> list[Target]:
             rows.append(row)
     table = []
     for row in rows:
-        med = {n: sorted(v)[len(v) // 2] for n, v in row["ms"].items()}
-        sp = {
-            n: Ratio(**{"median": d["median"], "lo": d["min"], "hi": d["max"]})
-            for n, d in row["speedup_vs_bf16"].items()
-        }
+        med = {n: median_high(v) for n, v in row["ms"].items()}
+        sp = {n: Ratio.from_dict(d) for n, d in row["speedup_vs_bf16"].items()}
         table.append(
             (row["m"], f"{med['bf16_linear']:.2f}", *(f"{med[n]:.2f} ({sp[n]})" for n in layers))
         )
@@ -94,7 +92,7 @@ def run(quick: bool = False) -> list[Target]:
 
     def sp(m: int, name: str) -> Ratio:
         d = next(r for r in rows if r["m"] == m)["speedup_vs_bf16"][name]
-        return Ratio(d["median"], d["min"], d["max"])
+        return Ratio.from_dict(d)
 
     small = [m for m in ms if m <= 16]
     worst16 = min(small, key=lambda m: sp(m, "w8a16").median)

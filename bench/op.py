@@ -11,12 +11,14 @@ the vendor doc's x1 [128, 512], x2 [512, 64]. Target: fused <= 1.05x the hand-wr
 from __future__ import annotations
 
 import time
+from statistics import median_high
 from typing import Any
 
 from bench.common import (
     Ratio,
     Target,
     interleaved,
+    operands,
     plot_bars,
     print_table,
     print_targets,
@@ -41,20 +43,17 @@ def _inputs(scheme: str, m: int, k: int, n: int, rank: int) -> tuple[Any, Any, d
 
     from ascend_ops import kernels
 
-    g = torch.Generator().manual_seed(1000 + rank)
     if scheme == "fp_bf16":
-        x1 = torch.randn(m, k, generator=g).bfloat16()
-        # (n, k) storage seen as (k, n), as the layers keep weights on CPU (tp_layers.methods)
-        x2 = (torch.randn(n, k, generator=g) / k**0.5).bfloat16().t()
+        x1, x2, _ = operands(scheme, m, k, n, rank)
         return x1, x2, {}, lambda: torch.matmul(x1, x2)
     if scheme == "w8a16":
+        g = torch.Generator().manual_seed(1000 + rank)
         x1 = torch.randn(m, k, generator=g).bfloat16()
         w = torch.randint(-127, 128, (k, n), generator=g, dtype=torch.int8)
         x2 = kernels.prepare_w8a16_weight(w)
         s = (torch.rand(n, generator=g) * 0.01 + 1e-3).bfloat16()
         return x1, x2, {"antiquant_scale": s}, lambda: kernels.weight_quant_matmul(x1, x2, s)
-    x1 = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
-    x2 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8).t()
+    x1, x2, g = operands(scheme, m, k, n, rank)
     s = (torch.rand(n, generator=g) * 1e-4 + 1e-5).bfloat16()
     return (
         x1,
@@ -126,9 +125,8 @@ def run(quick: bool = False) -> list[Target]:
     rows = run_ranks("bench.op:rank_body", 2, quick, threads=1)[0]
     table, targets = [], []
     for row in rows:
-        r = Ratio(row["ratio"]["median"], row["ratio"]["min"], row["ratio"]["max"])
-        med = sorted(row["fused_ms"])[len(row["fused_ms"]) // 2]
-        base = sorted(row["by_hand_ms"])[len(row["by_hand_ms"]) // 2]
+        r = Ratio.from_dict(row["ratio"])
+        med, base = median_high(row["fused_ms"]), median_high(row["by_hand_ms"])
         table.append(
             (row["scheme"], row["m"], row["k_per_rank"], row["n"], f"{med:.3f}", f"{base:.3f}", r)
         )

@@ -52,6 +52,7 @@ __all__ = [
     "candidate_chunkings",
     "first_split_m",
     "matmul_us",
+    "pipeline_us",
     "predict",
     "predict_shape",
     "simulate",
@@ -141,32 +142,41 @@ def simulate(
     comm_work = [f + max(comm_us - f, 0.0) * r / m for r in chunks]
     if len(chunks) == 1:
         comm_work = [comm_us]
-    t = 0.0
-    i_mm, i_comm = 0, 0  # next chunk to compute / to communicate
-    rem_mm = mm_work[0]
-    rem_comm = None  # remaining work of the running all-reduce, None when idle
-    n = len(chunks)
-    while i_comm < n:
-        if rem_comm is None and i_comm < i_mm:
-            rem_comm = comm_work[i_comm]
-        mm_running = i_mm < n
-        comm_running = rem_comm is not None
-        both = mm_running and comm_running
-        rate = 1.0 / (1.0 + kappa) if both else 1.0
-        dt_mm = rem_mm / rate if mm_running else math.inf
-        dt_comm = rem_comm / rate if comm_running else math.inf
-        dt = min(dt_mm, dt_comm)
+    return pipeline_us(mm_work, comm_work, kappa)
+
+
+def pipeline_us(
+    first: Sequence[float],
+    second: Sequence[float],
+    kappa: float = 0.0,
+    second_front: float = 0.0,
+) -> float:
+    """Finish time of a two-stage pipeline: ``first[i]`` run back to back; ``second[i]`` starts
+    when ``first[i]`` and ``second[i-1]`` are done; ``second_front`` (if > 0) is a job of the
+    second stage that needs nothing and runs before ``second[0]``. While both stages run, each
+    progresses at ``1 / (1 + kappa)`` of its solo speed (``ModelParams.kappa``)."""
+    jobs = ([second_front] if second_front > 0 else []) + list(second)
+    needs = ([-1] if second_front > 0 else []) + list(range(len(second)))
+    t, i_a, i_b = 0.0, 0, 0
+    rem_a = first[0] if first else 0.0
+    rem_b: float | None = None
+    while i_b < len(jobs):
+        if rem_b is None and needs[i_b] < i_a:
+            rem_b = jobs[i_b]
+        a_run, b_run = i_a < len(first), rem_b is not None
+        rate = 1.0 / (1.0 + kappa) if a_run and b_run else 1.0
+        dt = min(rem_a / rate if a_run else math.inf, rem_b / rate if b_run else math.inf)
         t += dt
-        if mm_running:
-            rem_mm -= dt * rate
-        if comm_running:
-            rem_comm -= dt * rate
-        if mm_running and rem_mm <= 1e-9:
-            i_mm += 1
-            rem_mm = mm_work[i_mm] if i_mm < n else 0.0
-        if comm_running and rem_comm <= 1e-9:
-            i_comm += 1
-            rem_comm = None
+        if a_run:
+            rem_a -= dt * rate
+            if rem_a <= 1e-9:
+                i_a += 1
+                rem_a = first[i_a] if i_a < len(first) else 0.0
+        if b_run:
+            rem_b -= dt * rate
+            if rem_b <= 1e-9:
+                i_b += 1
+                rem_b = None
     return t
 
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 from collections.abc import Sequence
 
 from bench.overlap import (
@@ -55,10 +54,12 @@ from bench.overlap import (
     MAX_ROUNDS,
     ROW_ALIGN,
     ModelParams,
+    Prediction,
     _cost_scales,
     allreduce_us,
     candidate_chunkings,
     matmul_us,
+    pipeline_us,
 )
 
 __all__ = [
@@ -76,55 +77,11 @@ _GIB, _MIB = 2**30, 2**20
 
 
 @dataclasses.dataclass(frozen=True)
-class SpPrediction:
-    """One shape: unfused matmul / collective times, fused time (us) and the chunking used
-    (rows per rank for the gather, rows per destination for the reduce-scatter)."""
+class SpPrediction(Prediction):
+    """One shape: ``overlap.Prediction`` of one SP kernel; ``chunks`` are rows per rank for the
+    gather, rows per destination for the reduce-scatter."""
 
     kind: str  # "ag" | "rs"
-    mm_us: float
-    comm_us: float
-    unfused_us: float
-    fused_us: float
-    chunks: tuple[int, ...]
-
-    @property
-    def speedup_pct(self) -> float:
-        return 100.0 * (1.0 - self.fused_us / self.unfused_us)
-
-
-def pipeline_us(
-    first: Sequence[float],
-    second: Sequence[float],
-    kappa: float = 0.0,
-    second_front: float = 0.0,
-) -> float:
-    """Finish time of a two-stage pipeline: ``first[i]`` run back to back; ``second[i]`` starts
-    when ``first[i]`` and ``second[i-1]`` are done; ``second_front`` (if > 0) is a job of the
-    second stage that needs nothing and runs before ``second[0]``. While both stages run, each
-    progresses at ``1 / (1 + kappa)`` of its solo speed (overlap.simulate's contention)."""
-    jobs = ([second_front] if second_front > 0 else []) + list(second)
-    needs = ([-1] if second_front > 0 else []) + list(range(len(second)))
-    t, i_a, i_b = 0.0, 0, 0
-    rem_a = first[0] if first else 0.0
-    rem_b: float | None = None
-    while i_b < len(jobs):
-        if rem_b is None and needs[i_b] < i_a:
-            rem_b = jobs[i_b]
-        a_run, b_run = i_a < len(first), rem_b is not None
-        rate = 1.0 / (1.0 + kappa) if a_run and b_run else 1.0
-        dt = min(rem_a / rate if a_run else math.inf, rem_b / rate if b_run else math.inf)
-        t += dt
-        if a_run:
-            rem_a -= dt * rate
-            if rem_a <= 1e-9:
-                i_a += 1
-                rem_a = first[i_a] if i_a < len(first) else 0.0
-        if b_run:
-            rem_b -= dt * rate
-            if rem_b <= 1e-9:
-                i_b += 1
-                rem_b = None
-    return t
 
 
 def comm_us(kind: str, rows: int, length: int, ws: int, bytes_per_el: int = 2) -> float:
@@ -232,7 +189,7 @@ def predict_sp(
         return pipeline_us(mm, comm, params.kappa)
 
     best = min(cands, key=fused)
-    return SpPrediction(kind, mm_all, comm_all, mm_all + comm_all, fused(best), best)
+    return SpPrediction(mm_all, comm_all, mm_all + comm_all, fused(best), best, kind)
 
 
 # Column layers (all-gather + matmul) and row layers (matmul + reduce-scatter) of Llama-2-7B

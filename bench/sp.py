@@ -21,12 +21,14 @@ model below estimates (bench/overlap_sp.py, a MODEL from the CANN tiling sources
 
 from __future__ import annotations
 
+from statistics import median_high
 from typing import Any
 
 from bench.common import (
     Ratio,
     Target,
     interleaved,
+    operands,
     plot_bars,
     print_table,
     print_targets,
@@ -59,10 +61,8 @@ def _case(op: str, scheme: str, m: int, n: int, rank: int) -> tuple[Any, Any, An
     hcom, ws = ascend_ops.hcom_name(), dist.get_world_size()
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    g = torch.Generator().manual_seed(1000 + rank)
+    x, w, g = operands(scheme, m, K, n, rank)
     if scheme == "fp_bf16":
-        x = torch.randn(m, K, generator=g).bfloat16()
-        w = (torch.randn(n, K, generator=g) / K**0.5).bfloat16().t()
         kw: dict = {}
 
         def local(a: Any, scale: Any = None) -> Any:
@@ -72,8 +72,6 @@ def _case(op: str, scheme: str, m: int, n: int, rank: int) -> tuple[Any, Any, An
             return kernels.fp_matmul(a, w)
 
     else:
-        x = torch.randint(-127, 128, (m, K), generator=g, dtype=torch.int8)
-        w = torch.randint(-127, 128, (n, K), generator=g, dtype=torch.int8).t()
         s1 = torch.rand(m, 1, generator=g) * 0.01 + 1e-3
         s2 = torch.rand(1, n, generator=g) * 1e-4 + 1e-5
         kw = {"x1_scale": s1, "x2_scale": s2, "comm_mode": "aiv"}
@@ -152,10 +150,6 @@ def rank_body(rank: int, ws: int, quick: bool) -> list[dict]:
     return rows
 
 
-def _median(xs: list[float]) -> float:
-    return sorted(xs)[len(xs) // 2]
-
-
 def _model_tables() -> list[dict]:
     from bench import overlap_sp
 
@@ -193,7 +187,7 @@ def run(quick: bool = False) -> list[Target]:
     rows = run_ranks("bench.sp:rank_body", 2, quick, threads=1)[0]
     table, targets = [], []
     for row in rows:
-        r = Ratio(row["ratio"]["median"], row["ratio"]["min"], row["ratio"]["max"])
+        r = Ratio.from_dict(row["ratio"])
         rs = row["ratio_same_kernel"]
         table.append(
             (
@@ -202,10 +196,10 @@ def run(quick: bool = False) -> list[Target]:
                 row["m"],
                 row["k"],
                 row["n"],
-                f"{_median(row['fused_ms']):.3f}",
-                f"{_median(row['by_hand_ms']):.3f}",
+                f"{median_high(row['fused_ms']):.3f}",
+                f"{median_high(row['by_hand_ms']):.3f}",
                 r,
-                Ratio(rs["median"], rs["min"], rs["max"]),
+                Ratio.from_dict(rs),
                 "yes" if row["same_result"] else "NO",
             )
         )

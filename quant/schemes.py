@@ -154,6 +154,19 @@ def _bias_spec(n: int, model_dtype: torch.dtype) -> TensorSpec:
     return TensorSpec("bias", (n,), model_dtype, True, (), _alt(model_dtype), kind="bias")
 
 
+def _with_bias(
+    out: dict[str, torch.Tensor], bias: torch.Tensor | None, model_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """``out`` plus the float ``bias`` (n,) in the model dtype, if there is one."""
+    return out if bias is None else {**out, "bias": bias.to(model_dtype)}
+
+
+def _float_bias(t: Tensors) -> torch.Tensor | None:
+    """The checkpoint's float bias (n,) as float32, None if it has none."""
+    b = t.get("bias")
+    return None if b is None else b.to(torch.float32)
+
+
 # quant type string (upper case) -> scheme class; filled by Scheme.__init_subclass__
 _BY_QUANT_TYPE: dict[str, type[Scheme]] = {}
 
@@ -257,9 +270,10 @@ class Scheme:
         bias: torch.Tensor | None = None,
         x3: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``x @ W + bias + x3`` on one rank: x (..., k), w_kn (k, n) -> (..., n)."""
+        """``x @ W + bias + x3`` on one rank: x (..., k), w_kn (k, n) -> (..., n), in
+        ``args["output_dtype"]`` where the scheme gives one (W8A8: fp32 too, for QuantLinear)."""
         x1, kw = self.op_inputs(x, args, bias)
-        return kernels.mm_local(x1, w_kn, x3=x3, **kw)
+        return kernels.mm_local(x1, w_kn, x3=x3, output_dtype=args.get("output_dtype"), **kw)
 
 
 def scheme_from_name(quant_type: str, group_size: int = 0, *, symmetric: bool = True) -> Scheme:
@@ -307,14 +321,10 @@ class FP(Scheme):
         act_symmetric: bool = False,
         qweight: QuantizedWeight | None = None,
     ) -> dict[str, torch.Tensor]:
-        out = {"weight": weight.to(model_dtype)}
-        if bias is not None:
-            out["bias"] = bias.to(model_dtype)
-        return out
+        return _with_bias({"weight": weight.to(model_dtype)}, bias, model_dtype)
 
     def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b = t.get("bias")
-        return t["weight"].to(torch.float32), None if b is None else b.to(torch.float32)
+        return t["weight"].to(torch.float32), _float_bias(t)
 
 
 @dataclass(frozen=True)
@@ -415,17 +425,13 @@ class W8A16(Scheme):
             weight, group_size=self.group_size, symmetric=self.symmetric, scale_dtype=model_dtype
         )
         out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
-        if bias is not None:
-            out["bias"] = bias.to(model_dtype)
-        return out
+        return _with_bias(out, bias, model_dtype)
 
     def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
-
-        b = t.get("bias")
         w = dequantize_weight(
             t["weight"], t["weight_scale"], t.get("weight_offset"), self.group_size
         )
-        return w, None if b is None else b.to(torch.float32)
+        return w, _float_bias(t)
 
     def kernel_args(self, t: Tensors, model_dtype: torch.dtype) -> dict[str, Any]:
         scale = t["weight_scale"].reshape(t["weight_scale"].shape[0], -1)  # (n, 1) or (n, G)
@@ -540,9 +546,7 @@ class W8A8(Scheme):
         qw = qweight or quantize_weight(weight, symmetric=True, scale_dtype=model_dtype)
         out = {"weight": qw.qweight, "weight_scale": qw.scale, "weight_offset": qw.offset}
         if self.dynamic:
-            if bias is not None:
-                out["bias"] = bias.to(model_dtype)
-            return out
+            return _with_bias(out, bias, model_dtype)
         if act_range is None:
             raise ValueError("static W8A8 needs act_range (calibrated input range)")
         in_scale, in_offset = activation_qparams(act_range, model_dtype, symmetric=act_symmetric)
@@ -559,12 +563,9 @@ class W8A8(Scheme):
     def dequantize(self, t: Tensors) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For static W8A8 the returned bias is the float bias folded in quant_bias
         (``(quant_bias + input_offset * sum_k Wq) * deq_scale``), None if that is all zero."""
-
         q = t["weight"]
         if self.dynamic:
-            b = t.get("bias")
-            w = dequantize_weight(q, t["weight_scale"], t.get("weight_offset"))
-            return w, None if b is None else b.to(torch.float32)
+            return dequantize_weight(q, t["weight_scale"], t.get("weight_offset")), _float_bias(t)
         deq = deq_scale_to_float32(t["deq_scale"])
         if "weight_scale" in t:
             ws = t["weight_scale"].to(torch.float32).reshape(-1)
@@ -613,16 +614,3 @@ class W8A8(Scheme):
         if bias is not None:
             kw["bias"] = bias
         return x1, kw
-
-    def linear(
-        self,
-        x: torch.Tensor,
-        w_kn: torch.Tensor,
-        args: Mapping[str, Any],
-        bias: torch.Tensor | None = None,
-        x3: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """W8A8 on one rank, with the model dtype as output (fp32 too: QuantLinear)."""
-        x1, kw = self.op_inputs(x, args, bias)
-        scale = kw.pop("dequant_scale")
-        return kernels.quant_matmul(x1, w_kn, scale, output_dtype=args["output_dtype"], x3=x3, **kw)

@@ -26,8 +26,23 @@ ATOL = 1e-5
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# SmolLM2-135M's attention shape (9 q / 3 kv heads of 16) at toy size, tied embeddings, a
+# vocab that divides by no TP size
+SMOL = dict(
+    vocab_size=101,
+    hidden_size=144,
+    intermediate_size=96,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=16,
+    max_position_embeddings=128,
+    tie_word_embeddings=True,
+)
+
+
 def make_config(arch: str, **over):
-    """Tiny config: hidden 64, 2 layers, vocab 128, 4 heads (2 kv heads where GQA exists)."""
+    """Tiny config: hidden 64, 2 layers, vocab 128, 4 heads (2 kv heads where GQA exists);
+    ``"smol"``: a Llama of the ``SMOL`` shape."""
     kw = dict(
         vocab_size=128,
         hidden_size=64,
@@ -36,8 +51,9 @@ def make_config(arch: str, **over):
         num_attention_heads=4,
         max_position_embeddings=256,
     )
+    kw.update(SMOL if arch == "smol" else {})
     kw.update(over)
-    if arch == "llama":
+    if arch in ("llama", "smol"):
         return transformers.LlamaConfig(num_key_value_heads=kw.pop("num_key_value_heads", 2), **kw)
     if arch == "qwen2":  # q/k/v bias
         return transformers.Qwen2Config(num_key_value_heads=kw.pop("num_key_value_heads", 2), **kw)
@@ -60,6 +76,35 @@ def _ids(batch: int = 2, seq: int = 7) -> torch.Tensor:
     return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
+def run_and_compare(model, ref, ids: torch.Tensor, steps: int = 3, new_tokens: int = 32):
+    """Prefill of ids (batch, seq), ``steps`` decode steps with the KV cache (ref's greedy
+    token fed to both), then ``new_tokens`` greedy tokens, on the swapped model and its
+    unswapped ref, under no_grad: (max |logit error| of each forward, path counts of the
+    prefill, of the decode steps, model's tokens, ref's tokens)."""
+    import tp_layers as tl
+
+    errs = []
+    with torch.no_grad():
+        tl.reset_path_counts()
+        a, b = model(ids, use_cache=True), ref(ids, use_cache=True)
+        prefill = tl.path_counts()
+        errs.append((a.logits - b.logits).abs().max().item())
+        cache_a, cache_b = a.past_key_values, b.past_key_values
+        nxt = b.logits[:, -1:].argmax(-1)
+        tl.reset_path_counts()
+        for _ in range(steps):
+            a = model(nxt, cache=cache_a, use_cache=True)
+            b = ref(nxt, cache=cache_b, use_cache=True)
+            errs.append((a.logits - b.logits).abs().max().item())
+            nxt = b.logits[:, -1:].argmax(-1)
+        decode = tl.path_counts()
+        kw = {"max_new_tokens": new_tokens, "do_sample": False, "pad_token_id": 0}
+        kw["attention_mask"] = torch.ones_like(ids)
+        got = model.generate(ids, **kw)
+        want = ref.generate(ids, **kw)
+    return errs, prefill, decode, got, want
+
+
 def _row_layers(model) -> int:
     import tp_layers as tl
 
@@ -76,25 +121,7 @@ def _swap_body(rank: int, ws: int, arch: str, over: dict) -> dict:
     rows = _row_layers(model)
     assert rows == 2 * model.config.num_hidden_layers
     ids = _ids()
-    errs = []
-    with torch.no_grad():
-        tl.reset_path_counts()
-        a, b = model(ids, use_cache=True), ref(ids, use_cache=True)
-        prefill = tl.path_counts()
-        errs.append((a.logits - b.logits).abs().max().item())
-        cache_a, cache_b = a.past_key_values, b.past_key_values
-        nxt = b.logits[:, -1:].argmax(-1)
-        tl.reset_path_counts()
-        for _ in range(3):
-            a = model(nxt, cache=cache_a, use_cache=True)
-            b = ref(nxt, cache=cache_b, use_cache=True)
-            errs.append((a.logits - b.logits).abs().max().item())
-            nxt = b.logits[:, -1:].argmax(-1)
-        decode = tl.path_counts()
-        kw = {"max_new_tokens": 32, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-        kw["pad_token_id"] = 0
-        got = model.generate(ids, **kw)
-        want = ref.generate(ids, **kw)
+    errs, prefill, decode, got, want = run_and_compare(model, ref, ids)
     assert max(errs) <= ATOL, f"{arch} ws={ws}: logit errors {errs}"
     if ws == 1:
         assert prefill == {"fused": 0, "unfused": 0, "local": rows}, prefill

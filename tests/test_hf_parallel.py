@@ -10,37 +10,13 @@ import logging
 import pytest
 import torch
 from mp_harness import run_ranks
-from test_hf import _fake_tp
+from test_hf import _fake_tp, make_config, make_model
 
 transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.hf
 
 ATOL = 1e-5
-
-
-def smol_config(**over) -> transformers.LlamaConfig:
-    """SmolLM2-135M's attention shape (9 q / 3 kv heads of 16) at toy size, tied embeddings,
-    a vocab that divides by no TP size."""
-    kw = dict(
-        vocab_size=101,
-        hidden_size=144,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=9,
-        num_key_value_heads=3,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    kw.update(over)
-    return transformers.LlamaConfig(**kw)
-
-
-def smol_model(seed: int = 0, **over):
-    torch.manual_seed(seed)
-    cfg = smol_config(**over)
-    return transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
 
 
 def _greedy(model, ids: torch.Tensor, n: int = 32) -> torch.Tensor:
@@ -52,7 +28,7 @@ def _pad_heads_body(rank: int, ws: int, tied: bool) -> dict:
     import tp_layers as tl
     from tp_layers.embedding import ParallelLMHead, VocabParallelEmbedding
 
-    ref = smol_model(tie_word_embeddings=tied)
+    ref = make_model("smol", tie_word_embeddings=tied)
     model = tl.parallelize(copy.deepcopy(ref), pad_heads=True)
     attn = model.model.layers[0].self_attn
     assert isinstance(model.model.embed_tokens, VocabParallelEmbedding)
@@ -84,7 +60,7 @@ def test_heads_refusal_names_the_ways_out() -> None:
     from tp_layers.hf import parallelize
 
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(smol_config())
+        model = transformers.AutoModelForCausalLM.from_config(make_config("smol"))
     with pytest.raises(ValueError, match=r"9 heads of size 16 .*pad_heads=True.*plan="):
         parallelize(model, _fake_tp(2))
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # untouched
@@ -99,7 +75,7 @@ def test_pad_heads_logs_overhead(caplog: pytest.LogCaptureFixture) -> None:
     assert padded_head_counts(9, 3, 8) == (24, 8)
     assert padded_head_counts(14, 2, 4) == (28, 4)
     with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(smol_config())
+        model = transformers.AutoModelForCausalLM.from_config(make_config("smol"))
     with caplog.at_level(logging.INFO, logger="tp_layers.hf.swap"):
         parallelize(model, _fake_tp(4, 3), pad_heads=True)
     msg = " ".join(r.getMessage() for r in caplog.records)
@@ -141,8 +117,8 @@ def smol_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     per channel and per 32-group)."""
     root = tmp_path_factory.mktemp("smol")
     wide = {"hidden_size": 288, "head_dim": 32, "intermediate_size": 128}  # 32-wide groups
-    smol_model(seed=4, **wide).save_pretrained(str(root / "fp32"))
-    untied = smol_model(seed=5, tie_word_embeddings=False, **wide).to(torch.bfloat16)
+    make_model("smol", seed=4, **wide).save_pretrained(str(root / "fp32"))
+    untied = make_model("smol", seed=5, tie_word_embeddings=False, **wide).to(torch.bfloat16)
     untied.save_pretrained(str(root / "bf16"))
     from quant import W8A16, quantize_checkpoint
 
@@ -202,7 +178,8 @@ def test_vocab_sharding_memory_per_rank() -> None:
     def per_rank_bytes(plan_vocab: bool, tp: int) -> int:
         with torch.device("meta"):
             m = transformers.AutoModelForCausalLM.from_config(
-                smol_config(vocab_size=1000, tie_word_embeddings=False), dtype=torch.bfloat16
+                make_config("smol", vocab_size=1000, tie_word_embeddings=False),
+                dtype=torch.bfloat16,
             )
         plan = None
         if not plan_vocab:
@@ -230,7 +207,7 @@ def _tp_dp_body(rank: int, ws: int) -> dict:
     dp_rank = rank // 2
     tp = tl.TPContext.from_group(groups[dp_rank])
     assert (tp.size, tp.rank) == (2, rank % 2)
-    ref = smol_model(seed=7)
+    ref = make_model("smol", seed=7)
     model = tl.parallelize(copy.deepcopy(ref), tp, pad_heads=True)
     ids = torch.randint(0, 101, (2, 4), generator=torch.Generator().manual_seed(10 + dp_rank))
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from mp_harness import run_ranks  # noqa: E402
-from test_hf import ATOL, _ids, make_model  # noqa: E402
+from test_hf import ATOL, _ids, make_model, run_and_compare  # noqa: E402
 
 pytestmark = pytest.mark.hf
 
@@ -36,33 +36,15 @@ def _sp_body(rank: int, ws: int, arch: str) -> dict:
     model.model.layers[1].register_forward_pre_hook(
         lambda _m, args: shapes.append(tuple(args[0].shape))
     )
-    errs = []
-    with torch.no_grad():
-        tl.reset_path_counts()
-        a, b = model(ids, use_cache=True), ref(ids, use_cache=True)
-        prefill = {k: v for k, v in tl.path_counts().items() if v}
-        errs.append((a.logits - b.logits).abs().max().item())
-        cache_a, cache_b = a.past_key_values, b.past_key_values
-        nxt = b.logits[:, -1:].argmax(-1)
-        tl.reset_path_counts()
-        for _ in range(3):
-            a = model(nxt, cache=cache_a, use_cache=True)
-            b = ref(nxt, cache=cache_b, use_cache=True)
-            errs.append((a.logits - b.logits).abs().max().item())
-            nxt = b.logits[:, -1:].argmax(-1)
-        decode = {k: v for k, v in tl.path_counts().items() if v}
-        kw = {"max_new_tokens": 32, "do_sample": False, "attention_mask": torch.ones_like(ids)}
-        kw["pad_token_id"] = 0
-        got = model.generate(ids, **kw)
-        want = ref.generate(ids, **kw)
+    errs, prefill, decode, got, want = run_and_compare(model, ref, ids)
     return {
         "err": max(errs),
         "equal": got.shape == want.shape and torch.equal(got, want),
         "tokens": got[:, ids.shape[1] :].tolist(),
         "layer_in": shapes[0],
         "shard": (tl.token_shard(m, ws, rank)[1], 256),
-        "prefill": prefill,
-        "decode": decode,
+        "prefill": {k: v for k, v in prefill.items() if v},
+        "decode": {k: v for k, v in decode.items() if v},
         "phase_after": tl.current_phase(),
     }
 

@@ -52,6 +52,22 @@ def _gpt(config, spec, seed: int):
     return build_gpt(config, spec, VOCAB, SEQ, seed)
 
 
+def _load_with_biases(ref, ours, seed: int):
+    """Non-zero biases in ``ref`` (Megatron initialises them to zero), then ref's state dict
+    loaded into ``ours`` -> (ids (BATCH, SEQ), positions, an explicit causal mask (True =
+    masked): Megatron's default one is built on "cuda")."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in ref.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
+    mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+    return ids, pos, mask
+
+
 class _Calls:
     """Counts the fused op and the separate all-reduce the row layers call."""
 
@@ -114,19 +130,8 @@ def _gpt_body(rank: int, ws: int, tp: int, quant: bool) -> dict:
             torch.equal(ref_sd[k], our_sd[k]) for k in ref_sd if isinstance(ref_sd[k], torch.Tensor)
         )
 
-        # Non-zero biases (Megatron initialises them to zero), then copy Megatron -> ours.
-        g = torch.Generator().manual_seed(99)
-        with torch.no_grad():
-            for name, p in ref.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        ours.load_state_dict(ref.state_dict(), strict=True)
-
+        ids, pos, mask = _load_with_biases(ref, ours, seed=99)
         # Megatron-layout state dict after processing (forward ran) round-trips.
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
-        # Explicit causal mask (True = masked): Megatron's default one is built on "cuda".
-        mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
         with torch.no_grad():
             want = ref(ids, pos, mask)
             with _Calls() as prefill:

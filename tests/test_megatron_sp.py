@@ -13,21 +13,22 @@ Sizes: hidden 256 and ffn 512, so that the column layers (k = 256) and, at TP 2,
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
+import test_megatron
 import torch
 from mp_harness import run_ranks
-from test_megatron import ATOL, BATCH, SEQ, VOCAB, _CpuMemoryBuffer, _gpt, gpt_config
+from test_megatron import (
+    ATOL,
+    BATCH,
+    SEQ,
+    VOCAB,
+    _CpuMemoryBuffer,
+    _gpt,
+    _load_with_biases,
+    gpt_config,
+)
 
-pytestmark = [
-    pytest.mark.megatron,
-    pytest.mark.skipif(
-        importlib.util.find_spec("megatron") is None
-        or importlib.util.find_spec("megatron.core") is None,
-        reason="megatron-core is not installed",
-    ),
-]
+pytestmark = test_megatron.pytestmark  # the megatron marker and skip
 
 
 def _sp_config(tp: int):
@@ -73,15 +74,7 @@ def _sp_body(rank: int, ws: int) -> dict:
         layers = dict(iter_adapter_layers(ours))
         sp_flags = {layer.sequence_parallel for layer in layers.values()}
         row_bias_sp = ours.decoder.layers[0].mlp.linear_fc2.bias.sequence_parallel
-        g = torch.Generator().manual_seed(7)
-        with torch.no_grad():
-            for name, p in ref.named_parameters():
-                if name.endswith("bias"):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-        ours.load_state_dict(ref.state_dict(), strict=True)
-        ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
-        pos = torch.arange(SEQ).unsqueeze(0).expand(BATCH, SEQ)
-        mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+        ids, pos, mask = _load_with_biases(ref, ours, seed=7)
 
         # The decoder's input and output are sequence-sharded [s / tp, b, h], as Megatron's.
         shapes = []

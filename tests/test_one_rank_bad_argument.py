@@ -9,40 +9,24 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from test_rank_failure import _context, _free_port
+from test_rank_failure import K, _context, _free_port, _fresh_row_layer
 
 PG_TIMEOUT = 3.0
 SLACK = 10.0
-K, N = 64, 48
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _worker(rank: int, port: int, mode: str, conn) -> None:
-    for p in (os.path.dirname(os.path.abspath(__file__)), str(ROOT)):
-        if p not in sys.path:
-            sys.path.insert(0, p)
     try:
         import torch
 
         import tp_layers as tl
 
-        torch.set_num_threads(1)
-        tp = tl.init_tp(
-            "gloo",
-            timeout=PG_TIMEOUT,
-            world_size=2,
-            rank=rank,
-            init_method=f"tcp://127.0.0.1:{port}",
-        )
-        layer = tl.RowParallelLinear(K, N, bias=False, params_dtype=torch.float32, tp=tp)
-        g = torch.Generator().manual_seed(0)
-        w = torch.randn(N, K, generator=g)
-        layer.weight.weight_loader(layer.weight, w)
+        layer, w, g = _fresh_row_layer(rank, 2, port, PG_TIMEOUT, bias=False)
         x = torch.randn(1, K, generator=g)
         mine = x[:, rank * K // 2 : (rank + 1) * K // 2]
         with torch.no_grad(), tl.phase("decode"):

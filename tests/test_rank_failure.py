@@ -43,29 +43,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, ws: int, port: int, victim: int, phase: str, how: str, conn) -> None:
-    # conn.send is synchronous (an mp.Queue's feeder thread would lose messages at os._exit).
+def _fresh_row_layer(rank: int, ws: int, port: int, timeout: float, bias: bool):
+    """In a fresh worker process: the tests folder and the repo root on sys.path, one torch
+    thread, a gloo TP group of ``ws`` ranks with collective timeout ``timeout`` (s) on
+    ``port`` -> (RowParallelLinear(K, N) on it loaded with a seeded weight (N, K) (and bias),
+    that weight, the generator after those draws)."""
     for p in (_TESTS_DIR, _ROOT):
         if p not in sys.path:
             sys.path.insert(0, p)
+    import torch
+
+    import tp_layers as tl
+
+    torch.set_num_threads(1)
+    tp = tl.init_tp(
+        "gloo",
+        timeout=timeout,
+        world_size=ws,
+        rank=rank,
+        init_method=f"tcp://127.0.0.1:{port}",
+    )
+    layer = tl.RowParallelLinear(K, N, bias=bias, params_dtype=torch.float32, tp=tp)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(N, K, generator=g)
+    layer.weight.weight_loader(layer.weight, w)
+    if bias:
+        layer.bias.weight_loader(layer.bias, torch.randn(N, generator=g))
+    return layer, w, g
+
+
+def _worker(rank: int, ws: int, port: int, victim: int, phase: str, how: str, conn) -> None:
+    # conn.send is synchronous (an mp.Queue's feeder thread would lose messages at os._exit).
     try:
         import torch
         import torch.distributed as dist
 
         import tp_layers as tl
 
-        torch.set_num_threads(1)
-        tp = tl.init_tp(
-            "gloo",
-            timeout=PG_TIMEOUT,
-            world_size=ws,
-            rank=rank,
-            init_method=f"tcp://127.0.0.1:{port}",
-        )
-        layer = tl.RowParallelLinear(K, N, bias=True, params_dtype=torch.float32, tp=tp)
-        g = torch.Generator().manual_seed(0)
-        layer.weight.weight_loader(layer.weight, torch.randn(N, K, generator=g))
-        layer.bias.weight_loader(layer.bias, torch.randn(N, generator=g))
+        layer, _, _ = _fresh_row_layer(rank, ws, port, PG_TIMEOUT, bias=True)
         m = 16 if phase == "prefill" else 1
         x = torch.randn(m, K // ws, generator=torch.Generator().manual_seed(1 + rank))
         with torch.no_grad(), tl.phase(phase):

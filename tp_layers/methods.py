@@ -126,10 +126,17 @@ class LinearMethod:
         residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``all_reduce(x @ W + bias) + residual`` in one ``mm_all_reduce_base`` call."""
+        bias, residual = self.fused_bias(x, bias, residual)
         x1, kw = self.scheme.op_inputs(x, layer.kernel_args, bias)
         return ascend_ops.mm_all_reduce_base(
             x1, layer.param_views["weight"], hcom, x3=residual, **kw
         )
+
+    def fused_bias(
+        self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bias, x3) the fused op takes for this call's float ``bias`` and ``residual``."""
+        return bias, residual
 
     # -- sequence parallelism: all_gather_base_mm / mm_reduce_scatter_base --------------------
     def sp_fusable(self) -> bool:
@@ -226,18 +233,13 @@ class W8A8Method(LinearMethod):
             args["quant_bias"] = None
         return args
 
-    def apply_fused(
-        self,
-        layer: LinearLayer,
-        x: torch.Tensor,
-        hcom: str,
-        bias: torch.Tensor | None = None,
-        residual: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def fused_bias(
+        self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if bias is not None:  # dynamic: a float bias -> x3
             pb = bias.expand(*x.shape[:-1], bias.shape[-1])
             residual = pb.contiguous() if residual is None else residual + pb
-        return super().apply_fused(layer, x, hcom, None, residual)
+        return None, residual
 
     def sp_fusable(self) -> bool:
         return self.scheme.dynamic  # static: the int32 quant_bias has no place in the kernels
