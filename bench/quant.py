@@ -123,7 +123,6 @@ def run(quick: bool = False) -> list[Target]:
     payload: dict[str, Any] = {"setup": setup, "float_ppl": fp.ppl, "tokens": fp.tokens}
     payload["recipes"] = []
     rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
-    best: dict[str, float] = {}
 
     def record(label: str, group: str, res: Any, out: Path, tp2: bool) -> None:
         t1 = time.perf_counter()
@@ -150,9 +149,7 @@ def run(quick: bool = False) -> list[Target]:
             flush=True,
         )
         payload["recipes"].append(entry)
-        if len(res.excluded) <= n_linears // 10:
-            best[group] = min(best.get(group, math.inf), pct)
-        save_results(result_name, payload, _targets(best))
+        save_results(result_name, payload, _targets(_best(payload["recipes"], n_linears)))
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-quant-", dir=ROOT / ".cache"))
     try:
@@ -192,7 +189,7 @@ def run(quick: bool = False) -> list[Target]:
         ["recipe", "ppl", "vs float", "linears float", "TP"],
         rows,
     )
-    targets = _targets(best)
+    targets = _targets(_best(payload["recipes"], n_linears))
     save_results(result_name, payload, targets)
     return targets
 
@@ -205,3 +202,68 @@ def _targets(best: dict[str, float]) -> list[Target]:
         ("static", "W8A8 static ppl cost (<= 10% float)", 3.0),
     ]
     return [Target(name, best[g], "<=", goal, "%") for g, name, goal in goals if g in best]
+
+
+def _best(recipes: list[dict[str, Any]], n_linears: int) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for r in recipes:
+        if len(r["excluded"]) <= n_linears // 10:
+            best[r["group"]] = min(best.get(r["group"], math.inf), r["pct"])
+    return best
+
+
+def merge(names: list[str]) -> dict[str, Any]:
+    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json:
+    same setup and float perplexity required; a recipe measured twice keeps both values (the
+    second as ``repeat_ppl``). Returns the merged document."""
+    import json
+
+    from bench.common import RESULTS
+
+    docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+    base = docs[0]
+    recipes: dict[str, dict[str, Any]] = {}
+    for d in docs:
+        if d["setup"] != base["setup"] or abs(d["float_ppl"] - base["float_ppl"]) > 1e-6:
+            raise ValueError(
+                f"results differ in setup or float ppl: {d['setup']} vs {base['setup']}"
+            )
+        for r in d["recipes"]:
+            if r["label"] in recipes:
+                recipes[r["label"]]["repeat_ppl"] = r["ppl"]
+            else:
+                recipes[r["label"]] = r
+    payload = {k: v for k, v in base.items() if k not in ("benchmark", "date", "host", "targets")}
+    payload["recipes"] = list(recipes.values())
+    payload["parts"] = [
+        {"name": n, "date": d["date"], "host": d["host"]} for n, d in zip(names, docs)
+    ]
+    for d in docs:
+        if "static_worst_layers" in d:
+            payload["static_worst_layers"] = d["static_worst_layers"]
+    targets = _targets(_best(payload["recipes"], base["setup"]["n_linears"]))
+    save_results("quant", payload, targets)
+    return {**payload, "targets": [t.as_dict() for t in targets]}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table of a (merged) results document."""
+    lines = [
+        "| recipe | ppl | vs float | linears float | TP 2 |",
+        "|---|---|---|---|---|",
+        f"| float (bf16) | {doc['float_ppl']:.4f} | - | 0 | |",
+    ]
+    for r in doc["recipes"]:
+        tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%)" if "tp2_ppl" in r else ""
+        lines.append(
+            f"| {r['label']} | {r['ppl']:.4f} | {r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["merge"] or len(sys.argv) < 3:
+        sys.exit("usage: python -m bench.quant merge NAME [NAME...]  (bench/results/NAME.json)")
+    print(markdown(merge(sys.argv[2:])))
