@@ -119,6 +119,7 @@ def run(quick: bool = False) -> list[Target]:
         "windows": windows,
         "window": WINDOW,
         "n_linears": n_linears,
+        "loader": "quant.evaluate.load_model, TP 1",
     }
     payload: dict[str, Any] = {"setup": setup, "float_ppl": fp.ppl, "tokens": fp.tokens}
     payload["recipes"] = []
@@ -213,50 +214,59 @@ def _best(recipes: list[dict[str, Any]], n_linears: int) -> dict[str, float]:
 
 
 def merge(names: list[str]) -> dict[str, Any]:
-    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json:
-    same setup and float perplexity required; a recipe measured twice keeps both values (the
-    second as ``repeat_ppl``). Returns the merged document."""
+    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json.
+    The parts must share the setup up to the loader; each recipe keeps the float perplexity it
+    is compared with (its part's, same loader) and its part's name. Returns the merged
+    document."""
     import json
 
     from bench.common import RESULTS
 
+    given = dict(n.partition("@")[::2] for n in names)  # NAME@LOADER: a file without "loader"
+    names = list(given)
     docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["setup"].items() if k != "loader"}
+
     base = docs[0]
-    recipes: dict[str, dict[str, Any]] = {}
-    for d in docs:
-        if d["setup"] != base["setup"] or abs(d["float_ppl"] - base["float_ppl"]) > 1e-6:
-            raise ValueError(
-                f"results differ in setup or float ppl: {d['setup']} vs {base['setup']}"
-            )
+    recipes: list[dict[str, Any]] = []
+    floats: dict[str, float] = {}
+    for n, d in zip(names, docs):
+        if same(d) != same(base):
+            raise ValueError(f"{n}: setup {d['setup']} differs from {base['setup']}")
+        loader = d["setup"].get("loader") or given[n]
+        if not loader:
+            raise ValueError(f"{n}: the file does not say its loader: pass {n}@LOADER")
+        floats[loader] = d["float_ppl"]
         for r in d["recipes"]:
-            if r["label"] in recipes:
-                recipes[r["label"]]["repeat_ppl"] = r["ppl"]
-            else:
-                recipes[r["label"]] = r
-    payload = {k: v for k, v in base.items() if k not in ("benchmark", "date", "host", "targets")}
-    payload["recipes"] = list(recipes.values())
+            recipes.append({**r, "part": n, "loader": loader, "float_ppl": d["float_ppl"]})
+    payload: dict[str, Any] = {"setup": same(base), "float_ppl_by_loader": floats}
+    payload["recipes"] = recipes
     payload["parts"] = [
         {"name": n, "date": d["date"], "host": d["host"]} for n, d in zip(names, docs)
     ]
     for d in docs:
         if "static_worst_layers" in d:
             payload["static_worst_layers"] = d["static_worst_layers"]
-    targets = _targets(_best(payload["recipes"], base["setup"]["n_linears"]))
+    targets = _targets(_best(recipes, base["setup"]["n_linears"]))
     save_results("quant", payload, targets)
     return {**payload, "targets": [t.as_dict() for t in targets]}
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The README table of a (merged) results document."""
+    """The README table of a merged results document."""
     lines = [
-        "| recipe | ppl | vs float | linears float | TP 2 |",
-        "|---|---|---|---|---|",
-        f"| float (bf16) | {doc['float_ppl']:.4f} | - | 0 | |",
+        "| recipe | loader (float ppl) | ppl | vs float | linears float | TP 2 ppl (vs float) |",
+        "|---|---|---|---|---|---|",
     ]
+    for loader, ppl in doc["float_ppl_by_loader"].items():
+        lines.append(f"| float (bf16) | {loader} | {ppl:.4f} | - | 0 | |")
     for r in doc["recipes"]:
         tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%)" if "tp2_ppl" in r else ""
         lines.append(
-            f"| {r['label']} | {r['ppl']:.4f} | {r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
+            f"| {r['label']} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
+            f"{r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
         )
     return "\n".join(lines)
 
@@ -265,5 +275,5 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["merge"] or len(sys.argv) < 3:
-        sys.exit("usage: python -m bench.quant merge NAME [NAME...]  (bench/results/NAME.json)")
+        sys.exit("usage: python -m bench.quant merge NAME[@LOADER] ...  (bench/results/NAME.json)")
     print(markdown(merge(sys.argv[2:])))
