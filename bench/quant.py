@@ -14,7 +14,7 @@ and shared by every recipe. The fallback curve keeps the N linears of largest ou
 the recommended static run's report FLOAT (what ``--fallback auto:N`` picks with a trial
 conversion of the same settings). Targets (issue 15): W8A16 per-channel <= +0.3%, W8A16 group
 <= +0.15%, W8A8 dynamic <= +2%, W8A8 static <= +3% with at most 10% of the linears in float.
-``BENCH_QUANT_ONLY``: comma-separated label prefixes to run (float always runs);
+``BENCH_QUANT_ONLY``: ``;``-separated label prefixes to run (float always runs);
 ``BENCH_QUANT_FALLBACK``: the fallback curve's points in % of the linears (default 2,4,8,10);
 ``BENCH_QUANT_RESULT``: results file name (default ``quant`` -> bench/results/quant.json), so
 that parts of the table can run in parallel processes.
@@ -82,7 +82,7 @@ def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int) -> f
 
 
 def _wanted(label: str) -> bool:
-    only = [s.strip() for s in os.environ.get("BENCH_QUANT_ONLY", "").split(",") if s.strip()]
+    only = [s.strip() for s in os.environ.get("BENCH_QUANT_ONLY", "").split(";") if s.strip()]
     return not only or any(label.startswith(s) for s in only)
 
 
