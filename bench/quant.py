@@ -77,7 +77,7 @@ def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int) -> f
     from quant.evaluate import evaluate_perplexity
     from tp_layers import load_pretrained
 
-    model = load_pretrained(qdir, dtype=torch.bfloat16)
+    model = load_pretrained(qdir, dtype=torch.bfloat16, pad_heads=True)  # 9 heads over TP 2
     return evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows).ppl
 
 
