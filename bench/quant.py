@@ -3,19 +3,28 @@
 Model: the demo model (SmolLM2-135M-Instruct, ``examples/make_demo_model.py`` ->
 .cache/demo-model; env ``BENCH_QUANT_MODEL`` for another directory). Eval text: the GPL-3
 license text shipped with the OS (/usr/share/common-licenses/GPL-3, ~7.6k tokens; env
-``BENCH_QUANT_EVAL``); calibration on a different text (GFDL-1.3, env ``BENCH_QUANT_CALIB``).
+``BENCH_QUANT_EVAL``); calibration on a different text (GFDL-1.3, env ``BENCH_QUANT_CALIB``):
+``BENCH_QUANT_CALIB_SAMPLES`` (default 8) sequences of 512 tokens, at most 2048 activation rows
+kept per layer for GPTQ / smoothing / reports (ranges are observed on all of them).
 Perplexity by ``quant.evaluate_perplexity`` (512-token non-overlapping windows, the first
-``BENCH_QUANT_WINDOWS`` of them, default 4; ``--quick``: 2), every model loaded with
-``tp_layers.load_pretrained`` in bf16 at TP 1 (W8A8 dynamic also at TP 2: each rank quantizes
-its half of a row-parallel input with its own per-token scale, as the fused kernel does).
-Calibration is collected once and shared by every recipe. Targets (issue 15): W8A16
-per-channel <= +0.3%, W8A16 group <= +0.15%, W8A8 dynamic <= +2%, W8A8 static <= +3% with at
-most 10% of the linears in float. Also a curve: static W8A8 ratio vs fallback layers.
+``BENCH_QUANT_WINDOWS`` of them, default 4; ``--quick``: 2) in bf16 at TP 1; W8A8 dynamic also
+through ``tp_layers.load_pretrained`` at TP 2 (each rank quantizes its half of a row-parallel
+input with its own per-token scale, as the fused kernel does). Calibration is collected once
+and shared by every recipe. The fallback curve keeps the N linears of largest output error in
+the recommended static run's report FLOAT (what ``--fallback auto:N`` picks with a trial
+conversion of the same settings). Targets (issue 15): W8A16 per-channel <= +0.3%, W8A16 group
+<= +0.15%, W8A8 dynamic <= +2%, W8A8 static <= +3% with at most 10% of the linears in float.
+``BENCH_QUANT_ONLY``: ``;``-separated label prefixes to run (float always runs);
+``BENCH_QUANT_FALLBACK``: the fallback curve's points in % of the linears (default 2,4,8,10);
+``BENCH_QUANT_RESULT``: results file name (default ``quant`` -> bench/results/quant.json), so
+that parts of the table can run in parallel processes.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -39,107 +48,232 @@ def _paths() -> tuple[Path, Path, Path]:
     return model, text, calib
 
 
-def _recipes(n_linears: int) -> list[tuple[str, str, dict[str, Any]]]:
-    """(label, target group, quantize_checkpoint kwargs incl. the scheme)."""
+def _recipes() -> list[tuple[str, str, dict[str, Any], bool]]:
+    """(label, target group, quantize_checkpoint kwargs incl. the scheme, also at TP 2)."""
     from quant import W8A8, W8A16
 
-    tenth = n_linears // 10
-    return [  # recommended recipes first: on a loaded machine the run may be cut short
-        (
-            "W8A8 static, smooth auto + GPTQ",
-            "static",
-            {"config": W8A8(), "smooth": "auto", "gptq": True},
-        ),
-        (
-            "W8A8 dynamic, smooth auto + GPTQ",
-            "dyn",
-            {"config": W8A8(dynamic=True), "smooth": "auto", "gptq": True},
-        ),
-        ("W8A16 per-channel, GPTQ", "w8a16", {"config": W8A16(), "gptq": True}),
-        ("W8A16 group 64, GPTQ", "w8a16g", {"config": W8A16(group_size=64), "gptq": True}),
-        ("W8A8 static min-max", "static", {"config": W8A8()}),
-        ("W8A8 dynamic", "dyn", {"config": W8A8(dynamic=True)}),
-        ("W8A16 per-channel", "w8a16", {"config": W8A16()}),
-        ("W8A16 group 64", "w8a16g", {"config": W8A16(group_size=64)}),
-        ("W8A8 static, smooth auto", "static", {"config": W8A8(), "smooth": "auto"}),
-        (
-            f"W8A8 static, smooth auto + GPTQ, fallback {tenth}",
-            "static",
-            {"config": W8A8(), "smooth": "auto", "gptq": True, "fallback": tenth},
-        ),
+    st, dyn = W8A8(), W8A8(dynamic=True)
+    return [  # cheap and decisive first: on a loaded machine the run may be cut short
+        ("W8A16 per-channel min-max", "w8a16", {"config": W8A16()}, False),
+        ("W8A16 group 64 min-max", "w8a16g", {"config": W8A16(group_size=64)}, False),
+        ("W8A8 dynamic", "dyn", {"config": dyn}, True),
+        ("W8A8 static min-max", "static", {"config": st}, False),
+        ("W8A8 static, smooth auto + GPTQ", "static", {"config": st, **_rec(st)}, False),
+        ("W8A8 static, smooth auto", "static", {"config": st, "smooth": "auto"}, False),
+        ("W8A8 dynamic, smooth auto", "dyn", {"config": dyn, "smooth": "auto"}, False),
+        ("W8A8 dynamic, smooth auto + GPTQ", "dyn", {"config": dyn, **_rec(dyn)}, True),
+        ("W8A16 per-channel, GPTQ", "w8a16", {"config": W8A16(), "gptq": True}, False),
+        ("W8A16 group 64, GPTQ", "w8a16g", {"config": W8A16(group_size=64), "gptq": True}, False),
     ]
+
+
+def _rec(scheme: Any) -> dict[str, Any]:
+    from quant.recipes import RECOMMENDED
+
+    return dict(RECOMMENDED[scheme.name])
 
 
 def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int) -> float:
     from quant.evaluate import evaluate_perplexity
+    from tp_layers import load_pretrained
 
-    torch.set_num_threads(1)
-    return evaluate_perplexity(qdir, ids, window=WINDOW, max_windows=windows).ppl
+    model = load_pretrained(qdir, dtype=torch.bfloat16, pad_heads=True)  # 9 heads over TP 2
+    return evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows).ppl
+
+
+def _wanted(label: str) -> bool:
+    only = [s.strip() for s in os.environ.get("BENCH_QUANT_ONLY", "").split(";") if s.strip()]
+    return not only or any(label.startswith(s) for s in only)
 
 
 def run(quick: bool = False) -> list[Target]:
     import transformers
 
-    from quant import quantize_checkpoint
+    from quant import W8A8, quantize_checkpoint
     from quant.calibration import load_calibration
     from quant.checkpoint import CheckpointReader
     from quant.evaluate import evaluate_perplexity, load_text
 
     model, text_path, calib_path = _paths()
     windows = 2 if quick else int(os.environ.get("BENCH_QUANT_WINDOWS", "4"))
+    samples = int(os.environ.get("BENCH_QUANT_CALIB_SAMPLES", "8"))
+    result_name = os.environ.get("BENCH_QUANT_RESULT", "quant")
+    curve = [int(p) for p in os.environ.get("BENCH_QUANT_FALLBACK", "2,4,8,10").split(",")]
     tok = transformers.AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     ids = tok(load_text(text_path), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     t0 = time.perf_counter()
-    cal = load_calibration(calib_path, model_dir=model, samples=4, seq_len=WINDOW, max_rows=2048)
+    cal = load_calibration(
+        calib_path, model_dir=model, samples=samples, seq_len=WINDOW, max_rows=2048
+    )
     print(f"calibration: {time.perf_counter() - t0:.0f} s", flush=True)
     with CheckpointReader(model) as r:
         n_linears = sum(1 for n in r.names() if n.endswith("proj.weight"))
+    t0 = time.perf_counter()
     fp = evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows)
-    rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.3f}", "-", "-"]]
-    best: dict[str, float] = {}
-    payload: dict[str, Any] = {"float_ppl": fp.ppl, "tokens": fp.tokens, "recipes": []}
-    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
-        for label, group, kw in _recipes(n_linears):
-            out = Path(tmp) / label.replace(" ", "_").replace(",", "").replace("+", "")
-            t1 = time.perf_counter()
-            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
-            q = evaluate_perplexity(out, ids, window=WINDOW, max_windows=windows)
-            pct = 100 * (q.ppl / fp.ppl - 1)
-            extra = ""
-            if label == "W8A8 dynamic, smooth auto + GPTQ":
-                tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
-                extra = f"TP2 ppl {tp2:.3f} ({100 * (tp2 / fp.ppl - 1):+.2f}%)"
-                payload["dynamic_tp2_ppl"] = tp2
-            rows.append([label, f"{q.ppl:.3f}", f"{pct:+.2f}%", f"{len(res.excluded)} {extra}"])
-            print(
-                f"{label}: ppl {q.ppl:.3f} ({pct:+.2f}%) {time.perf_counter() - t1:.0f} s",
-                flush=True,
-            )
-            payload["recipes"].append(
-                {
-                    "label": label,
-                    "ppl": q.ppl,
-                    "pct": pct,
-                    "excluded": res.excluded,
-                    "alphas": res.alphas,
-                }
-            )
-            best[group] = min(best.get(group, float("inf")), pct)
-            for p in out.parent.glob(out.name):
-                import shutil
+    print(f"float: ppl {fp.ppl:.4f} {time.perf_counter() - t0:.0f} s", flush=True)
+    setup = {
+        "model": str(model.name),
+        "eval_text": str(text_path),
+        "calib_text": str(calib_path),
+        "calib": f"{samples} x {WINDOW} tokens, <= 2048 activation rows per layer",
+        "windows": windows,
+        "window": WINDOW,
+        "n_linears": n_linears,
+        "loader": "quant.evaluate.load_model, TP 1",
+    }
+    payload: dict[str, Any] = {"setup": setup, "float_ppl": fp.ppl, "tokens": fp.tokens}
+    payload["recipes"] = []
+    rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
 
-                shutil.rmtree(p, ignore_errors=True)
+    def record(label: str, group: str, res: Any, out: Path, tp2: bool) -> None:
+        t1 = time.perf_counter()
+        q = evaluate_perplexity(out, ids, window=WINDOW, max_windows=windows)
+        pct = 100 * (q.ppl / fp.ppl - 1)
+        entry: dict[str, Any] = {
+            "label": label,
+            "group": group,
+            "ppl": q.ppl,
+            "pct": pct,
+            "excluded": res.excluded,
+            "alphas": res.alphas,
+            "convert_s": res.seconds,
+        }
+        extra = ""
+        if tp2:
+            tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
+            entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
+            extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%)"
+        rows.append([label, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])
+        print(
+            f"{label}: ppl {q.ppl:.4f} ({pct:+.2f}%) convert {res.seconds:.0f} s, "
+            f"eval {time.perf_counter() - t1:.0f} s {extra}",
+            flush=True,
+        )
+        payload["recipes"].append(entry)
+        save_results(result_name, payload, _targets(_best(payload["recipes"], n_linears)))
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-quant-", dir=ROOT / ".cache"))
+    try:
+        worst: list[str] = []
+        for label, group, kw, tp2 in _recipes():
+            if not _wanted(label):
+                continue
+            out = tmp / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            report = label == "W8A8 static, smooth auto + GPTQ"
+            res = quantize_checkpoint(model, out, calib=cal, progress=False, report=report, **kw)
+            if report:
+                ranked = sorted(
+                    (r for r in res.reports if r.out_rel_err is not None),
+                    key=lambda r: r.out_rel_err or 0.0,
+                    reverse=True,
+                )
+                worst = [r.name for r in ranked]
+                payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
+            record(label, group, res, out, tp2)
+        st = W8A8()
+        for pct_float in curve:
+            n = round(n_linears * pct_float / 100)
+            label = f"W8A8 static, smooth auto + GPTQ, fallback {n} ({pct_float}%)"
+            if not worst or not _wanted(label):
+                continue
+            out = tmp / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            kw = {"config": st, **_rec(st), "exclude": worst[:n]}
+            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
+            record(label, "static", res, out, False)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print_table(
         f"perplexity, {fp.tokens} tokens of {text_path.name} ({windows} x {WINDOW}-token windows), "
-        f"calibration on {calib_path.name}",
-        ["recipe", "ppl", "vs float", "linears in float"],
+        f"calibration {samples} x {WINDOW} tokens of {calib_path.name}",
+        ["recipe", "ppl", "vs float", "linears float", "TP"],
         rows,
     )
-    targets = [
-        Target("W8A16 per-channel ppl cost", best["w8a16"], "<=", 0.3, "%"),
-        Target("W8A16 group ppl cost", best["w8a16g"], "<=", 0.15, "%"),
-        Target("W8A8 dynamic ppl cost", best["dyn"], "<=", 2.0, "%"),
-        Target("W8A8 static ppl cost (<= 10% float)", best["static"], "<=", 3.0, "%"),
-    ]
-    save_results("quant", payload, targets)
+    targets = _targets(_best(payload["recipes"], n_linears))
+    save_results(result_name, payload, targets)
     return targets
+
+
+def _targets(best: dict[str, float]) -> list[Target]:
+    goals = [
+        ("w8a16", "W8A16 per-channel ppl cost", 0.3),
+        ("w8a16g", "W8A16 group ppl cost", 0.15),
+        ("dyn", "W8A8 dynamic ppl cost (TP 1)", 2.0),
+        ("static", "W8A8 static ppl cost (<= 10% float)", 3.0),
+    ]
+    return [Target(name, best[g], "<=", goal, "%") for g, name, goal in goals if g in best]
+
+
+def _best(recipes: list[dict[str, Any]], n_linears: int) -> dict[str, float]:
+    best: dict[str, float] = {}
+    for r in recipes:
+        if len(r["excluded"]) <= n_linears // 10:
+            best[r["group"]] = min(best.get(r["group"], math.inf), r["pct"])
+    return best
+
+
+def merge(names: list[str]) -> dict[str, Any]:
+    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json.
+    The parts must share the setup up to the loader; each recipe keeps the float perplexity it
+    is compared with (its part's, same loader) and its part's name. Returns the merged
+    document."""
+    import json
+
+    from bench.common import RESULTS
+
+    given = dict(n.partition("@")[::2] for n in names)  # NAME@LOADER: a file without "loader"
+    names = list(given)
+    docs = [json.loads((RESULTS / f"{n}.json").read_text()) for n in names]
+
+    def same(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d["setup"].items() if k != "loader"}
+
+    base = docs[0]
+    recipes: list[dict[str, Any]] = []
+    floats: dict[str, float] = {}
+    for n, d in zip(names, docs):
+        if same(d) != same(base):
+            raise ValueError(f"{n}: setup {d['setup']} differs from {base['setup']}")
+        loader = d["setup"].get("loader") or given[n]
+        if not loader:
+            raise ValueError(f"{n}: the file does not say its loader: pass {n}@LOADER")
+        floats[loader] = d["float_ppl"]
+        for r in d["recipes"]:
+            recipes.append({**r, "part": n, "loader": loader, "float_ppl": d["float_ppl"]})
+    payload: dict[str, Any] = {"setup": same(base), "float_ppl_by_loader": floats}
+    payload["recipes"] = recipes
+    payload["parts"] = [
+        {"name": n, "date": d["date"], "host": d["host"]} for n, d in zip(names, docs)
+    ]
+    for d in docs:
+        if "static_worst_layers" in d:
+            payload["static_worst_layers"] = d["static_worst_layers"]
+    targets = _targets(_best(recipes, base["setup"]["n_linears"]))
+    save_results("quant", payload, targets)
+    return {**payload, "targets": [t.as_dict() for t in targets]}
+
+
+def markdown(doc: dict[str, Any]) -> str:
+    """The README table of a merged results document."""
+    lines = [
+        "| recipe | loader (float ppl) | ppl | vs float | linears float | TP 2 ppl (vs float) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for loader, ppl in doc["float_ppl_by_loader"].items():
+        lines.append(f"| float (bf16) | {loader} | {ppl:.4f} | - | 0 | |")
+    for r in doc["recipes"]:
+        tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%)" if "tp2_ppl" in r else ""
+        lines.append(
+            f"| {r['label']} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
+            f"{r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["merge"] or len(sys.argv) < 3:
+        sys.exit("usage: python -m bench.quant merge NAME[@LOADER] ...  (bench/results/NAME.json)")
+    print(markdown(merge(sys.argv[2:])))

@@ -8,10 +8,10 @@ context only). Target ``t`` is predicted from positions ``< t`` of its window; t
 of the text is never a target. ``ppl = exp(sum NLL / number of scored targets)``, NLL in
 float32 from the model's logits: the Hugging Face "perplexity of fixed-length models" recipe.
 
-A model directory is loaded with ``tp_layers.load_pretrained`` (an msmodelslim checkpoint with
-every layer in the scheme its description names, a float one as it is), i.e. through the
-layers a user deploys, at the TP size of ``tp`` (default: world size 1 without
-torch.distributed).
+A model directory is loaded by ``load_model`` in one process: the transformers model of its
+config.json with every quantized linear replaced by ``quant.QuantLinear`` (the same per-scheme
+formula the tensor-parallel layers run, ``Scheme.linear``). To evaluate at another TP size,
+pass the loaded parallel model as a module.
 """
 
 from __future__ import annotations
@@ -27,11 +27,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant.checkpoint import CheckpointReader
+from quant.modules import QuantLinear
+from quant.schemes import FP
+
 __all__ = [
     "Perplexity",
     "compare_perplexity",
     "evaluate_perplexity",
     "format_comparison",
+    "load_model",
     "load_text",
     "window_spans",
 ]
@@ -97,13 +102,101 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _load_model(
-    model_dir: Path, dtype: torch.dtype | None, tp: Any
-) -> tuple[nn.Module, torch.dtype]:
-    from tp_layers import load_pretrained  # layers on top of quant: imported on use
+def _float_state(reader: CheckpointReader, model: nn.Module, dtype: torch.dtype) -> None:
+    """Copy every persistent float tensor of ``model`` from ``reader`` (cast to ``dtype``). A
+    tensor absent from the checkpoint is allowed only if tied to one that is present (lm_head
+    = embed_tokens); raises ValueError naming the directory and tensors otherwise."""
+    own = model.state_dict(keep_vars=True)
+    held = {  # QuantLinear buffers: already the checkpoint's tensors
+        f"{m_name}.{b}"
+        for m_name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+        for b in m._buffers
+    }
+    state, absent = {}, []
+    for name in own:
+        if name in held:
+            continue
+        if name in reader:
+            v = reader.get_tensor(name)
+            state[name] = v.to(dtype) if v.is_floating_point() else v
+        else:
+            absent.append(name)
+    loaded = {own[n].data_ptr() for n in state}
+    untied = [n for n in absent if own[n].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"{reader.path}: missing tensors: {', '.join(untied[:20])}")
+    model.load_state_dict(state, strict=False)
+    unused = sorted(set(reader.names()) - set(own))
+    if unused:
+        log.warning("%s: %d tensor(s) not used: %s", reader.path, len(unused), unused[:8])
 
+
+def _swap_quantized(reader: CheckpointReader, model: nn.Module) -> int:
+    """Replace each ``nn.Linear`` whose weight the checkpoint describes as quantized by a
+    ``QuantLinear`` holding that layer's checkpoint tensors; returns how many."""
+    swapped = 0
+    for name, mod in list(model.named_modules()):
+        weight = f"{name}.weight"
+        if not isinstance(mod, nn.Linear) or weight not in reader:
+            continue
+        scheme = reader.layer_scheme(name)
+        if isinstance(scheme, FP):
+            continue
+        reader.validate_layer(name)
+        n, k = reader.info(weight).shape
+        if (n, k) != (mod.out_features, mod.in_features):
+            raise ValueError(
+                f"{reader.path}: {weight} is {[n, k]}, the model's layer is "
+                f"[{mod.out_features}, {mod.in_features}]"
+            )
+        has_bias = f"{name}.bias" in reader
+        tensors = {
+            s: reader.get_tensor(f"{name}.{s}")
+            for s in scheme.spec_map(n, k, has_bias, torch.bfloat16)
+            if f"{name}.{s}" in reader
+        }
+        parent, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent) if parent else model, child, QuantLinear(scheme, tensors)
+        )
+        swapped += 1
+    return swapped
+
+
+def load_model(model_dir: str | os.PathLike[str], dtype: torch.dtype | None = None) -> nn.Module:
+    """A transformers causal LM (eval mode) from a float or msmodelslim model directory, on
+    CPU in one process: the architecture from its config.json, every float tensor cast to
+    ``dtype`` (default bfloat16), every linear the description names quantized replaced by a
+    ``quant.QuantLinear`` with its checkpoint tensors (the scheme's formula, ``Scheme.linear``).
+    Raises FileNotFoundError / ValueError naming the directory or tensor."""
+    import transformers
+
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: no config.json (not a model directory)")
     dt = dtype or torch.bfloat16
-    return load_pretrained(model_dir, tp=tp, dtype=dt), dt
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with CheckpointReader(path) as reader:
+        with _no_init():
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dt)
+        model.tie_weights()  # lm_head = embed_tokens where the config ties them
+        swapped = _swap_quantized(reader, model)
+        _float_state(reader, model, dt)
+    log.info("%s: %d quantized linear(s) as QuantLinear", path, swapped)
+    return model.eval()
+
+
+def _no_init() -> Any:
+    """Skip random init of weights that are loaded right after (a no-op if transformers has
+    no such context)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return no_init_weights()
 
 
 def _tokenize(text: str | Sequence[int] | torch.Tensor, tokenizer: Any, where: Path | None):
@@ -129,13 +222,11 @@ def evaluate_perplexity(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
     max_windows: int | None = None,
-    tp: Any = None,
 ) -> Perplexity:
     """Perplexity of a causal LM on ``text`` (a string, or token ids (n,)), in windows.
 
-    model_dir_or_module: a model directory (float or msmodelslim; loaded with
-    ``tp_layers.load_pretrained`` in ``dtype``, default bfloat16, with the TP context ``tp``)
-    or a module called as ``model(input_ids=(1, s) long)`` returning logits (1, s, vocab) or
+    model_dir_or_module: a model directory (float or msmodelslim; loaded by ``load_model`` in
+    ``dtype``, default bfloat16) or a module (e.g. a tensor-parallel model) called as ``model(input_ids=(1, s) long)`` returning logits (1, s, vocab) or
     an output with ``.logits``. tokenizer: anything called as ``tokenizer(text,
     return_tensors="pt")`` (default: the model directory's). window / stride: tokens per window
     and between window starts (default stride = window). max_windows: evaluate only the first
@@ -149,7 +240,7 @@ def evaluate_perplexity(
         where = Path(model_dir_or_module)
         if not where.is_dir():
             raise FileNotFoundError(f"model directory not found: {where}")
-        model, _ = _load_model(where, dtype, tp)
+        model = load_model(where, dtype)
     ids = _tokenize(text, tokenizer, where)
     spans = window_spans(ids.numel(), window, stride)
     if max_windows is not None:
@@ -183,15 +274,14 @@ def compare_perplexity(
     window: int = 512,
     max_windows: int | None = None,
     dtype: torch.dtype | None = None,
-    tp: Any = None,
 ) -> tuple[Perplexity, Perplexity]:
     """(float, quantized) perplexity of two model directories on the same ``text``, both
-    loaded with ``tp_layers.load_pretrained`` in ``dtype`` (default bfloat16) and tokenized
+    loaded by ``load_model`` in ``dtype`` (default bfloat16) and tokenized
     with the float directory's tokenizer."""
     import transformers
 
     tok = transformers.AutoTokenizer.from_pretrained(str(float_dir), local_files_only=True)
-    kw = {"window": window, "max_windows": max_windows, "dtype": dtype, "tp": tp, "tokenizer": tok}
+    kw = {"window": window, "max_windows": max_windows, "dtype": dtype, "tokenizer": tok}
     return evaluate_perplexity(float_dir, text, **kw), evaluate_perplexity(quant_dir, text, **kw)
 
 

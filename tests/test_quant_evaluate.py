@@ -110,3 +110,92 @@ def test_tokenizer_and_bad_inputs():
         evaluate_perplexity("/nonexistent/dir", ids)
     with pytest.raises(ValueError, match="logits"):
         evaluate_perplexity(NoVocab(), ids)
+
+
+def _tiny_llama(root, tie: bool):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie,
+    )
+    d = root / f"model-tie{int(tie)}"
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(str(d))
+    return d
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_load_model_float_matches_transformers(tmp_path, tie):
+    transformers = pytest.importorskip("transformers")
+    from quant.evaluate import load_model
+
+    d = _tiny_llama(tmp_path, tie)
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.bfloat16).eval()
+    got = load_model(d)
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=ids).logits, ref(input_ids=ids).logits)
+    if tie:
+        assert got.lm_head.weight is got.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "w8a8_dynamic", "w8a8"])
+def test_load_model_quantized_matches_parallel_layers_at_tp1(tmp_path, scheme):
+    """quant's own loader (QuantLinear) and tp_layers.load_pretrained (parallel layers, TP 1)
+    run the same per-scheme formula on the same checkpoint tensors: same logits."""
+    from quant import W8A8, W8A16, QuantLinear, quantize_checkpoint
+    from quant.calibration import Calibration
+    from quant.evaluate import load_model
+    from tp_layers import load_pretrained
+
+    d = _tiny_llama(tmp_path, False)
+    cfg = {"w8a16": W8A16(group_size=32), "w8a8_dynamic": W8A8(dynamic=True), "w8a8": W8A8()}
+    cal = None
+    if scheme == "w8a8":
+        g = torch.Generator().manual_seed(2)
+        cal = Calibration()
+        for layer in range(2):
+            for m, k in [
+                ("self_attn.q_proj", 64),
+                ("self_attn.k_proj", 64),
+                ("self_attn.v_proj", 64),
+                ("self_attn.o_proj", 64),
+                ("mlp.gate_proj", 64),
+                ("mlp.up_proj", 64),
+                ("mlp.down_proj", 128),
+            ]:
+                cal.activations[f"model.layers.{layer}.{m}"] = torch.randn(16, k, generator=g)
+    out = tmp_path / "q"
+    quantize_checkpoint(d, out, cfg[scheme], calib=cal, progress=False)
+    got = load_model(out)
+    n_q = sum(isinstance(m, QuantLinear) for m in got.modules())
+    assert n_q == 14
+    ref = load_pretrained(out, dtype=torch.bfloat16)
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = got(input_ids=ids).logits, ref(input_ids=ids).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fp = evaluate_perplexity(d, ids[0], window=12).ppl
+    assert evaluate_perplexity(out, ids[0], window=12).ppl != fp  # quantized, not the float
+
+
+def test_load_model_missing_tensor_names_it(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from quant.evaluate import load_model
+
+    d = _tiny_llama(tmp_path, False)
+    f = d / "model.safetensors"
+    t = load_file(str(f))
+    del t["model.norm.weight"]
+    save_file(t, str(f), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.norm\.weight"):
+        load_model(d)
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
+        load_model(tmp_path)
