@@ -7,15 +7,22 @@ license text shipped with the OS (/usr/share/common-licenses/GPL-3, ~7.6k tokens
 ``BENCH_QUANT_CALIB_SAMPLES`` (default 8) sequences of 512 tokens, at most 2048 activation rows
 kept per layer for GPTQ / smoothing / reports (ranges are observed on all of them).
 Perplexity by ``quant.evaluate_perplexity`` (512-token non-overlapping windows, the first
-``BENCH_QUANT_WINDOWS`` of them, default 4; ``--quick``: 2) in bf16 at TP 1; W8A8 dynamic also
+``BENCH_QUANT_WINDOWS`` of them, default all: 15 windows, 7,643 scored tokens of GPL-3;
+``--quick``: 2) in bf16 at TP 1; W8A8 dynamic also
 through ``tp_layers.load_pretrained`` at TP 2 (each rank quantizes its half of a row-parallel
 input with its own per-token scale, as the fused kernel does). Calibration is collected once
 and shared by every recipe. The fallback curve keeps the N linears of largest output error in
 the recommended static run's report FLOAT (what ``--fallback auto:N`` picks with a trial
 conversion of the same settings). Targets (issue 15): W8A16 per-channel <= +0.3%, W8A16 group
 <= +0.15%, W8A8 dynamic <= +2%, W8A8 static <= +3% with at most 10% of the linears in float.
-``BENCH_QUANT_ONLY``: ``;``-separated label prefixes to run (float always runs);
+``BENCH_QUANT_ONLY``: ``;``-separated label prefixes to run (``LABEL$``: that label only;
+float always runs);
 ``BENCH_QUANT_FALLBACK``: the fallback curve's points in % of the linears (default 2,4,8,10);
+``BENCH_QUANT_ALPHAS``: the fixed smoothing alphas of the static alpha curve (default
+0.5,0.8,1.0; min-max ranges, no GPTQ: what ``--smooth ALPHA --recipe plain`` gives);
+``BENCH_QUANT_W8A16_FALLBACK``: points (in % of the linears) of W8A16 per-channel with
+``fallback=N`` (``--fallback auto:N``: ranked by a trial conversion's calibration output
+error; default 5,10);
 ``BENCH_QUANT_RESULT``: results file name (default ``quant`` -> bench/results/quant.json), so
 that parts of the table can run in parallel processes.
 """
@@ -53,27 +60,44 @@ def _recipes() -> list[tuple[str, str, dict[str, Any], bool]]:
     from quant import W8A8, W8A16
 
     st, dyn = W8A8(), W8A8(dynamic=True)
+    sg = SMOOTH_GPTQ
     return [  # cheap and decisive first: on a loaded machine the run may be cut short
         ("W8A16 per-channel min-max", "w8a16", {"config": W8A16()}, False),
         ("W8A16 group 64 min-max", "w8a16g", {"config": W8A16(group_size=64)}, False),
         ("W8A8 dynamic", "dyn", {"config": dyn}, True),
         ("W8A8 static min-max", "static", {"config": st}, False),
-        ("W8A8 static, smooth auto + GPTQ", "static", {"config": st, **_rec(st)}, False),
+        ("W8A8 static, smooth auto + GPTQ", "static", {"config": st, **sg}, False),
         ("W8A8 static, smooth auto", "static", {"config": st, "smooth": "auto"}, False),
         ("W8A8 dynamic, smooth auto", "dyn", {"config": dyn, "smooth": "auto"}, False),
-        ("W8A8 dynamic, smooth auto + GPTQ", "dyn", {"config": dyn, **_rec(dyn)}, True),
+        ("W8A8 dynamic, smooth auto + GPTQ", "dyn", {"config": dyn, **sg}, True),
+        (
+            "W8A8 static, smooth auto + GPTQ, mse ranges",
+            "static",
+            {"config": st, **sg, "observer": "mse"},
+            False,
+        ),
+        (
+            "W8A8 static, smooth auto + GPTQ, percentile ranges",
+            "static",
+            {"config": st, **sg, "observer": "percentile"},
+            False,
+        ),
         ("W8A16 per-channel, GPTQ", "w8a16", {"config": W8A16(), "gptq": True}, False),
         ("W8A16 group 64, GPTQ", "w8a16g", {"config": W8A16(group_size=64), "gptq": True}, False),
     ]
 
 
-def _rec(scheme: Any) -> dict[str, Any]:
-    from quant.recipes import RECOMMENDED
-
-    return dict(RECOMMENDED[scheme.name])
+SMOOTH_GPTQ: dict[str, Any] = {"smooth": "auto", "gptq": True}
 
 
-def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int) -> float:
+def _is_cli_default(kw: dict[str, Any]) -> bool:
+    """Whether a recipe's settings are what ``python -m quant --scheme S --calib FILE`` does."""
+    from quant.recipes import recommended
+
+    return {k: v for k, v in kw.items() if k != "config"} == recommended(kw["config"])
+
+
+def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int | None) -> float:
     from quant.evaluate import evaluate_perplexity
     from tp_layers import load_pretrained
 
@@ -83,22 +107,28 @@ def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int) -> f
 
 def _wanted(label: str) -> bool:
     only = [s.strip() for s in os.environ.get("BENCH_QUANT_ONLY", "").split(";") if s.strip()]
-    return not only or any(label.startswith(s) for s in only)
+    return not only or any(
+        label == s[:-1] if s.endswith("$") else label.startswith(s) for s in only
+    )
 
 
 def run(quick: bool = False) -> list[Target]:
     import transformers
 
-    from quant import W8A8, quantize_checkpoint
+    from quant import W8A8, W8A16, quantize_checkpoint
     from quant.calibration import load_calibration
     from quant.checkpoint import CheckpointReader
     from quant.evaluate import evaluate_perplexity, load_text
 
     model, text_path, calib_path = _paths()
-    windows = 2 if quick else int(os.environ.get("BENCH_QUANT_WINDOWS", "4"))
+    windows = 2 if quick else int(os.environ.get("BENCH_QUANT_WINDOWS", "0")) or None
     samples = int(os.environ.get("BENCH_QUANT_CALIB_SAMPLES", "8"))
     result_name = os.environ.get("BENCH_QUANT_RESULT", "quant")
     curve = [int(p) for p in os.environ.get("BENCH_QUANT_FALLBACK", "2,4,8,10").split(",")]
+    w16_curve = [
+        int(p) for p in os.environ.get("BENCH_QUANT_W8A16_FALLBACK", "5,10").split(",") if p
+    ]
+    alphas = [float(a) for a in os.environ.get("BENCH_QUANT_ALPHAS", "0.5,0.8,1.0").split(",")]
     tok = transformers.AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     ids = tok(load_text(text_path), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     t0 = time.perf_counter()
@@ -116,7 +146,7 @@ def run(quick: bool = False) -> list[Target]:
         "eval_text": str(text_path),
         "calib_text": str(calib_path),
         "calib": f"{samples} x {WINDOW} tokens, <= 2048 activation rows per layer",
-        "windows": windows,
+        "windows": fp.windows,
         "window": WINDOW,
         "n_linears": n_linears,
         "loader": "quant.evaluate.load_model, TP 1",
@@ -125,7 +155,15 @@ def run(quick: bool = False) -> list[Target]:
     payload["recipes"] = []
     rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
 
-    def record(label: str, group: str, res: Any, out: Path, tp2: bool) -> None:
+    fp_tp2: float | None = None
+    if any(tp2 and _wanted(label) for label, _, _, tp2 in _recipes()):
+        # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
+        fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows)[0]
+        payload["float_tp2_ppl"] = fp_tp2
+        rows.append(["float (bf16), tp_layers TP 2", f"{fp_tp2:.4f}", "-", "0", ""])
+        print(f"float TP 2: ppl {fp_tp2:.4f} ({100 * (fp_tp2 / fp.ppl - 1):+.2f}%)", flush=True)
+
+    def record(label: str, group: str, res: Any, out: Path, tp2: bool, kw: dict[str, Any]) -> None:
         t1 = time.perf_counter()
         q = evaluate_perplexity(out, ids, window=WINDOW, max_windows=windows)
         pct = 100 * (q.ppl / fp.ppl - 1)
@@ -137,24 +175,44 @@ def run(quick: bool = False) -> list[Target]:
             "excluded": res.excluded,
             "alphas": res.alphas,
             "convert_s": res.seconds,
+            "cli_default": _is_cli_default(kw),
         }
         extra = ""
         if tp2:
             tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
             entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
-            extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%)"
-        rows.append([label, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])
+            assert fp_tp2 is not None
+            entry["tp2_pct_vs_tp2_float"] = 100 * (tp2v / fp_tp2 - 1)
+            extra = (
+                f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%; "
+                f"{entry['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2)"
+            )
+        entry["eval_s"] = time.perf_counter() - t1
+        shown = f"{label} (CLI default)" if entry["cli_default"] else label
+        rows.append([shown, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])
         print(
             f"{label}: ppl {q.ppl:.4f} ({pct:+.2f}%) convert {res.seconds:.0f} s, "
-            f"eval {time.perf_counter() - t1:.0f} s {extra}",
+            f"eval {entry['eval_s']:.0f} s {extra}",
             flush=True,
         )
         payload["recipes"].append(entry)
         save_results(result_name, payload, _targets(_best(payload["recipes"], n_linears)))
 
+    def fallback_curve(worst: list[str]) -> None:
+        st = W8A8()
+        for pct_float in curve:
+            n = round(n_linears * pct_float / 100)
+            label = f"W8A8 static, smooth auto + GPTQ, fallback {n} ({pct_float}%)"
+            if not _wanted(label):
+                continue
+            out = tmp / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            kw = {"config": st, **SMOOTH_GPTQ, "exclude": worst[:n]}
+            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
+            record(label, "static", res, out, False, kw)
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-quant-", dir=ROOT / ".cache"))
     try:
-        worst: list[str] = []
         for label, group, kw, tp2 in _recipes():
             if not _wanted(label):
                 continue
@@ -168,24 +226,34 @@ def run(quick: bool = False) -> list[Target]:
                     key=lambda r: r.out_rel_err or 0.0,
                     reverse=True,
                 )
-                worst = [r.name for r in ranked]
                 payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
-            record(label, group, res, out, tp2)
+            record(label, group, res, out, tp2, kw)
+            if report:  # the N linears of largest output error FLOAT, same settings
+                fallback_curve([r.name for r in ranked])
         st = W8A8()
-        for pct_float in curve:
+        for pct_float in w16_curve:
             n = round(n_linears * pct_float / 100)
-            label = f"W8A8 static, smooth auto + GPTQ, fallback {n} ({pct_float}%)"
-            if not worst or not _wanted(label):
+            label = f"W8A16 per-channel, fallback {n} ({pct_float}%)"
+            if not _wanted(label):
                 continue
             out = tmp / "out"
             shutil.rmtree(out, ignore_errors=True)
-            kw = {"config": st, **_rec(st), "exclude": worst[:n]}
+            kw = {"config": W8A16(), "fallback": n}
             res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
-            record(label, "static", res, out, False)
+            record(label, "w8a16", res, out, False, kw)
+        for alpha in alphas:
+            label = f"W8A8 static, smooth {alpha:g}"
+            if not _wanted(label):
+                continue
+            out = tmp / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            kw = {"config": st, "smooth": alpha}
+            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
+            record(label, "static", res, out, False, kw)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(
-        f"perplexity, {fp.tokens} tokens of {text_path.name} ({windows} x {WINDOW}-token windows), "
+        f"perplexity, {fp.tokens} tokens of {text_path.name} ({fp.windows} x {WINDOW}-token windows), "
         f"calibration {samples} x {WINDOW} tokens of {calib_path.name}",
         ["recipe", "ppl", "vs float", "linears float", "TP"],
         rows,
@@ -230,7 +298,7 @@ def merge(names: list[str]) -> dict[str, Any]:
         return {k: v for k, v in d["setup"].items() if k != "loader"}
 
     base = docs[0]
-    recipes: list[dict[str, Any]] = []
+    recipes: dict[str, dict[str, Any]] = {}  # a label measured again in a later part: the later
     floats: dict[str, float] = {}
     for n, d in zip(names, docs):
         if same(d) != same(base):
@@ -240,16 +308,16 @@ def merge(names: list[str]) -> dict[str, Any]:
             raise ValueError(f"{n}: the file does not say its loader: pass {n}@LOADER")
         floats[loader] = d["float_ppl"]
         for r in d["recipes"]:
-            recipes.append({**r, "part": n, "loader": loader, "float_ppl": d["float_ppl"]})
+            recipes[r["label"]] = {**r, "part": n, "loader": loader, "float_ppl": d["float_ppl"]}
     payload: dict[str, Any] = {"setup": same(base), "float_ppl_by_loader": floats}
-    payload["recipes"] = recipes
+    payload["recipes"] = list(recipes.values())
     payload["parts"] = [
         {"name": n, "date": d["date"], "host": d["host"]} for n, d in zip(names, docs)
     ]
     for d in docs:
         if "static_worst_layers" in d:
             payload["static_worst_layers"] = d["static_worst_layers"]
-    targets = _targets(_best(recipes, base["setup"]["n_linears"]))
+    targets = _targets(_best(payload["recipes"], base["setup"]["n_linears"]))
     save_results("quant", payload, targets)
     return {**payload, "targets": [t.as_dict() for t in targets]}
 
@@ -262,10 +330,12 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for loader, ppl in doc["float_ppl_by_loader"].items():
         lines.append(f"| float (bf16) | {loader} | {ppl:.4f} | - | 0 | |")
+    defaults = {label for label, _, kw, _ in _recipes() if _is_cli_default(kw)}
     for r in doc["recipes"]:
         tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%)" if "tp2_ppl" in r else ""
+        label = f"**{r['label']}** (CLI default)" if r["label"] in defaults else r["label"]
         lines.append(
-            f"| {r['label']} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
+            f"| {label} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
             f"{r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
         )
     return "\n".join(lines)

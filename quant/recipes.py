@@ -6,17 +6,33 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from quant.schemes import W8A8, Scheme
+from quant.schemes import W8A8, W8A16, Scheme
 
-__all__ = ["RECOMMENDED", "accuracy_kwargs", "parse_fallback"]
+__all__ = ["RECOMMENDED", "accuracy_kwargs", "parse_fallback", "recipe_key", "recommended"]
 
-#: scheme name -> quantize_checkpoint settings used when a calib file is given and the flag is
-#: not set on the command line (``--recipe plain`` turns them off)
+#: recipe key (``recipe_key``) -> quantize_checkpoint settings used when a calib file is given
+#: and the flag is not set on the command line (``--recipe plain`` turns them off). Each entry is
+#: the best row of ``python -m bench quant`` for that scheme (README quant section): GPTQ pays
+#: for per-group int8 weights only, dynamic W8A8 needs smoothing only, static W8A8 both.
 RECOMMENDED: dict[str, dict[str, Any]] = {
-    "W8A16": {"gptq": True},
+    "W8A16": {},
+    "W8A16 per-group": {"gptq": True},
     "W8A8": {"smooth": "auto", "gptq": True},
-    "W8A8_DYNAMIC": {"smooth": "auto", "gptq": True},
+    "W8A8_DYNAMIC": {"smooth": "auto"},
 }
+
+
+def recipe_key(scheme: Scheme) -> str:
+    """The ``RECOMMENDED`` key of a scheme: its quant type, ``"W8A16 per-group"`` for W8A16 with
+    a group size."""
+    if isinstance(scheme, W8A16) and scheme.group_size:
+        return "W8A16 per-group"
+    return scheme.name
+
+
+def recommended(scheme: Scheme) -> dict[str, Any]:
+    """A copy of the recommended settings of ``scheme`` (empty for FP)."""
+    return dict(RECOMMENDED.get(recipe_key(scheme), {}))
 
 
 def parse_fallback(v: str | None) -> int:
@@ -42,7 +58,7 @@ def accuracy_kwargs(args: argparse.Namespace, scheme: Scheme) -> dict[str, Any]:
         "best_effort": [],
     }
     if args.recipe == "recommended" and args.calib:
-        for key, value in RECOMMENDED.get(scheme.name, {}).items():
+        for key, value in recommended(scheme).items():
             if key == "smooth" and not isinstance(scheme, W8A8):
                 continue
             if kw[key] in (None, False):

@@ -196,3 +196,26 @@ def test_w8a8_summary_names_the_load_dtype_and_static_warns(tmp_path, capsys, ca
     assert "without smoothing" not in caplog.text
     desc = json.loads((tmp_path / "q2" / "quant_model_description.json").read_text())
     assert desc["model.layers.0.input_layernorm.weight"] == "FLOAT"  # smoothed
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--scheme", "w8a16"], {"smooth": None, "gptq": False}),
+        (["--scheme", "w8a16", "--group-size", "64"], {"smooth": None, "gptq": True}),
+        (["--scheme", "w8a8"], {"smooth": "auto", "gptq": True}),
+        (["--scheme", "w8a8_dynamic"], {"smooth": "auto", "gptq": False}),
+        (["--scheme", "w8a8", "--recipe", "plain"], {"smooth": None, "gptq": False}),
+        (["--scheme", "w8a8_dynamic", "--smooth", "0.5"], {"smooth": 0.5, "gptq": False}),
+    ],
+)
+def test_recommended_recipe_per_scheme(flags, expected):
+    from quant.cli import _scheme, build_parser
+    from quant.recipes import accuracy_kwargs
+
+    args = build_parser().parse_args(["--model", "m", "--out", "o", "--calib", "c.txt", *flags])
+    kw = accuracy_kwargs(args, _scheme(args))
+    assert {k: kw[k] for k in expected} == expected
+    assert sorted(kw["best_effort"]) == sorted(
+        k for k in ("smooth", "gptq") if expected[k] and k not in " ".join(flags)
+    )
