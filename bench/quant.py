@@ -18,6 +18,8 @@ conversion of the same settings). Targets (issue 15): W8A16 per-channel <= +0.3%
 ``BENCH_QUANT_ONLY``: ``;``-separated label prefixes to run (``LABEL$``: that label only;
 float always runs);
 ``BENCH_QUANT_FALLBACK``: the fallback curve's points in % of the linears (default 2,4,8,10);
+``BENCH_QUANT_FALLBACK_BASE``: the recipe whose report ranks the fallback curve's layers
+(default ``W8A8 static, smooth auto + GPTQ``);
 ``BENCH_QUANT_ALPHAS``: the fixed smoothing alphas of the static alpha curve (default
 0.5,0.8,1.0; min-max ranges, no GPTQ: what ``--smooth ALPHA --recipe plain`` gives);
 ``BENCH_QUANT_W8A16_FALLBACK``: points (in % of the linears) of W8A16 per-channel with
@@ -68,7 +70,7 @@ def _recipes() -> list[tuple[str, str, dict[str, Any], bool]]:
         ("W8A8 static min-max", "static", {"config": st}, False),
         ("W8A8 static, smooth auto + GPTQ", "static", {"config": st, **sg}, False),
         ("W8A8 static, smooth auto", "static", {"config": st, "smooth": "auto"}, False),
-        ("W8A8 dynamic, smooth auto", "dyn", {"config": dyn, "smooth": "auto"}, False),
+        ("W8A8 dynamic, smooth auto", "dyn", {"config": dyn, "smooth": "auto"}, True),
         ("W8A8 dynamic, smooth auto + GPTQ", "dyn", {"config": dyn, **sg}, True),
         (
             "W8A8 static, smooth auto + GPTQ, mse ranges",
@@ -124,11 +126,12 @@ def run(quick: bool = False) -> list[Target]:
     windows = 2 if quick else int(os.environ.get("BENCH_QUANT_WINDOWS", "0")) or None
     samples = int(os.environ.get("BENCH_QUANT_CALIB_SAMPLES", "8"))
     result_name = os.environ.get("BENCH_QUANT_RESULT", "quant")
-    curve = [int(p) for p in os.environ.get("BENCH_QUANT_FALLBACK", "2,4,8,10").split(",")]
+    curve = [int(p) for p in os.environ.get("BENCH_QUANT_FALLBACK", "2,4,8,10").split(",") if p]
+    fallback_base = os.environ.get("BENCH_QUANT_FALLBACK_BASE", "W8A8 static, smooth auto + GPTQ")
     w16_curve = [
         int(p) for p in os.environ.get("BENCH_QUANT_W8A16_FALLBACK", "5,10").split(",") if p
     ]
-    alphas = [float(a) for a in os.environ.get("BENCH_QUANT_ALPHAS", "0.5,0.8,1.0").split(",")]
+    alphas = [float(a) for a in os.environ.get("BENCH_QUANT_ALPHAS", "0.5,0.8,1.0").split(",") if a]
     tok = transformers.AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     ids = tok(load_text(text_path), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
     t0 = time.perf_counter()
@@ -198,16 +201,15 @@ def run(quick: bool = False) -> list[Target]:
         payload["recipes"].append(entry)
         save_results(result_name, payload, _targets(_best(payload["recipes"], n_linears)))
 
-    def fallback_curve(worst: list[str]) -> None:
-        st = W8A8()
+    def fallback_curve(base: str, base_kw: dict[str, Any], worst: list[str]) -> None:
         for pct_float in curve:
             n = round(n_linears * pct_float / 100)
-            label = f"W8A8 static, smooth auto + GPTQ, fallback {n} ({pct_float}%)"
+            label = f"{base}, fallback {n} ({pct_float}%)"
             if not _wanted(label):
                 continue
             out = tmp / "out"
             shutil.rmtree(out, ignore_errors=True)
-            kw = {"config": st, **SMOOTH_GPTQ, "exclude": worst[:n]}
+            kw = {**base_kw, "exclude": worst[:n]}
             res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
             record(label, "static", res, out, False, kw)
 
@@ -218,7 +220,7 @@ def run(quick: bool = False) -> list[Target]:
                 continue
             out = tmp / "out"
             shutil.rmtree(out, ignore_errors=True)
-            report = label == "W8A8 static, smooth auto + GPTQ"
+            report = label == fallback_base
             res = quantize_checkpoint(model, out, calib=cal, progress=False, report=report, **kw)
             if report:
                 ranked = sorted(
@@ -229,7 +231,7 @@ def run(quick: bool = False) -> list[Target]:
                 payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
             record(label, group, res, out, tp2, kw)
             if report:  # the N linears of largest output error FLOAT, same settings
-                fallback_curve([r.name for r in ranked])
+                fallback_curve(label, kw, [r.name for r in ranked])
         st = W8A8()
         for pct_float in w16_curve:
             n = round(n_linears * pct_float / 100)
@@ -315,6 +317,8 @@ def merge(names: list[str]) -> dict[str, Any]:
         {"name": n, "date": d["date"], "host": d["host"]} for n, d in zip(names, docs)
     ]
     for d in docs:
+        if "float_tp2_ppl" in d:
+            payload["float_tp2_ppl"] = d["float_tp2_ppl"]
         if "static_worst_layers" in d:
             payload["static_worst_layers"] = d["static_worst_layers"]
     targets = _targets(_best(payload["recipes"], base["setup"]["n_linears"]))
@@ -330,9 +334,18 @@ def markdown(doc: dict[str, Any]) -> str:
     ]
     for loader, ppl in doc["float_ppl_by_loader"].items():
         lines.append(f"| float (bf16) | {loader} | {ppl:.4f} | - | 0 | |")
+    if "float_tp2_ppl" in doc:
+        lines.append(
+            f"| float (bf16), tp_layers.load_pretrained TP 2 | | | | 0 | {doc['float_tp2_ppl']:.4f} |"
+        )
     defaults = {label for label, _, kw, _ in _recipes() if _is_cli_default(kw)}
     for r in doc["recipes"]:
-        tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%)" if "tp2_ppl" in r else ""
+        tp2 = ""
+        if "tp2_ppl" in r:
+            tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%"
+            if "tp2_pct_vs_tp2_float" in r:
+                tp2 += f"; {r['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2"
+            tp2 += ")"
         label = f"**{r['label']}** (CLI default)" if r["label"] in defaults else r["label"]
         lines.append(
             f"| {label} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
@@ -341,9 +354,51 @@ def markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def token_spread(layers: tuple[int, ...] = (1, 5, 15, 28), tokens: int = 512) -> list[list[str]]:
+    """Per-token max|x| of a few linears' inputs on the calibration text (float model, fp32):
+    the first token against the median and the largest of the others. Static W8A8 has one
+    activation scale per tensor, so a token far above the median leaves the median token few
+    of the 255 int8 levels; per-token (dynamic) scales and per-channel smoothing do not share
+    that limit. Rows: [linear, token 0, median, max of the others, max / median]."""
+    import transformers
+
+    from quant.evaluate import load_text
+
+    model_dir, _, calib = _paths()
+    tok = transformers.AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ids = tok(load_text(calib), return_tensors="pt", add_special_tokens=False)["input_ids"]
+    rows: list[list[str]] = []
+
+    def hook(name: str) -> Any:
+        def pre(_mod: torch.nn.Module, inp: tuple[torch.Tensor, ...]) -> None:
+            m = inp[0][0].abs().amax(-1)
+            top = float(torch.maximum(m[0], m[1:].max()))
+            med = float(m[1:].median())
+            row = [name, f"{float(m[0]):.2f}", f"{med:.2f}", f"{float(m[1:].max()):.2f}"]
+            rows.append([*row, f"{top / med:.1f}x"])
+
+        return pre
+
+    for i in layers:
+        for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj"):
+            mod = model.model.layers[i].get_submodule(n)
+            mod.register_forward_pre_hook(hook(f"layers.{i}.{n}"))
+    with torch.no_grad():
+        model(ids[:, :tokens])
+    return rows
+
+
 if __name__ == "__main__":
     import sys
 
-    if sys.argv[1:2] != ["merge"] or len(sys.argv) < 3:
-        sys.exit("usage: python -m bench.quant merge NAME[@LOADER] ...  (bench/results/NAME.json)")
-    print(markdown(merge(sys.argv[2:])))
+    if sys.argv[1:2] == ["spread"]:
+        head = ["input of", "token 0", "median token", "max other token", "max / median"]
+        print_table("per-token max|x|, first 512 calibration tokens", head, token_spread())
+    elif sys.argv[1:2] == ["merge"] and len(sys.argv) >= 3:
+        print(markdown(merge(sys.argv[2:])))
+    else:
+        sys.exit(
+            "usage: python -m bench.quant merge NAME[@LOADER] ...  (bench/results/NAME.json)\n"
+            "       python -m bench.quant spread"
+        )
