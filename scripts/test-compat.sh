@@ -122,8 +122,8 @@ echo "[compat] install: torch $((t1 - t0)) s, project $((t2 - t1)) s; venv $(du 
 cd "$root"
 export ASCEND_CONFORMANCE_VERSIONS="$torch_v"
 set +e
-# A per-test timeout turns a hang into a failure (torch 2.7.1's gloo ProcessGroup destructor can
-# deadlock against its worker thread under heavy load, see README "Compatibility").
+# A per-test timeout turns a hang into a failure: a safety net only, every test shuts its gloo
+# groups down cleanly (tests/mp_harness.py, destroy_group_cleanly).
 "$py" -m pytest -q -p no:cacheprovider -m "not slow" --timeout "${COMPAT_TEST_TIMEOUT:-900}" "$@"
 rc=$?
 set -e
