@@ -101,6 +101,7 @@ if [ "$(torch_now)" != "$torch_v" ]; then
     echo "[compat] FAIL: pip install . changed torch $torch_v -> $(torch_now) (log: $log)" >&2
     exit 1
 fi
+echo "[compat] pip install . kept torch $(torch_now)" >&2
 # Extras with torch named on the same line, as a user with a torch_npu pair installs them: an
 # extra's newest release may want a newer torch (megatron-core 0.15.3+ need >=2.6), and the pin makes
 # pip pick an older release of the extra instead of replacing torch.
