@@ -64,7 +64,7 @@ def _free_port() -> int:
 
 def destroy_group_cleanly() -> None:
     """A barrier, then ``dist.destroy_process_group()`` (every group of this process), without
-    the exit deadlock of torch < 2.8.
+    the exit deadlock of torch 2.5.1 / 2.7.1.
 
     There the Python ProcessGroup wrapper frees its C++ group with the GIL held, and
     ``~ProcessGroupGloo`` joins its worker threads. A worker that drops the last reference to a
@@ -72,8 +72,8 @@ def destroy_group_cleanly() -> None:
     it, so the process hangs when the group's last reference goes (seen on 2.7.1 under load:
     gdb shows the main thread in ``std::thread::join`` under the ``ProcessGroup`` dealloc at the
     return of ``destroy_process_group``, a worker in ``take_gil`` under
-    ``~AsyncAllreduceWork``; the ProcessGroup wrapper releases the GIL from pytorch/pytorch#154976
-    on). The Python wrapper of the gloo backend itself already releases it
+    ``~AsyncAllreduceWork``; 2.13's ProcessGroup wrapper releases the GIL,
+    pytorch/pytorch#154976). The Python wrapper of the gloo backend already releases it
     (``IntrusivePtrNoGilDestructor`` in torch/csrc/distributed/c10d/init.cpp), so the backends
     are held here until the groups are gone: ``~ProcessGroupGloo`` then runs in the last ``del``
     with the GIL free. The barrier is an all-reduce because ``dist.barrier()`` asks
