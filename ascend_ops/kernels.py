@@ -55,6 +55,30 @@ def _dispatched(portable_fn: Callable[P, R]) -> Callable[P, R]:
     (the adapters take no defaults)."""
     sig = inspect.signature(portable_fn)
     name = portable_fn.__name__
+    params = list(sig.parameters.values())
+    kinds = [p.kind for p in params]
+    n_pos = kinds.count(inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    assert kinds[n_pos:] == [inspect.Parameter.KEYWORD_ONLY] * (len(params) - n_pos), name
+    names = tuple(p.name for p in params)
+    defaults = {p.name: p.default for p in params if p.default is not p.empty}
+
+    def bind(args: tuple, kwargs: dict) -> tuple[list, dict]:
+        # Signature.bind + apply_defaults in plain Python: dynamo cannot trace
+        # inspect.Signature.bind on torch 2.5.1 ("inline in skipfiles"; 2.7.1 can)
+        rest = names[len(args) :]
+        ok = len(args) <= n_pos
+        for k in kwargs:
+            ok = ok and k in rest
+        for n in rest:
+            ok = ok and (n in kwargs or n in defaults)
+        if not ok:
+            sig.bind(*args, **kwargs)  # raises the TypeError naming the argument
+        pos = [
+            *args,
+            *[kwargs[n] if n in kwargs else defaults[n] for n in rest[: n_pos - len(args)]],
+        ]
+        kw = {n: kwargs[n] if n in kwargs else defaults[n] for n in names[n_pos:]}
+        return pos, kw
 
     @functools.wraps(portable_fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
@@ -62,9 +86,8 @@ def _dispatched(portable_fn: Callable[P, R]) -> Callable[P, R]:
         if _on_npu(first):  # type: ignore[arg-type]
             from ascend_ops import _npu
 
-            bound = sig.bind(*args, **kwargs)
-            bound.apply_defaults()
-            return getattr(_npu, name)(*bound.args, **bound.kwargs)
+            pos, kw = bind(args, kwargs)
+            return getattr(_npu, name)(*pos, **kw)
         return portable_fn(*args, **kwargs)
 
     return call

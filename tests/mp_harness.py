@@ -28,7 +28,14 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["RankError", "RankOutcome", "RankPool", "run_ranks", "shutdown_pools"]
+__all__ = [
+    "RankError",
+    "RankOutcome",
+    "RankPool",
+    "destroy_group_cleanly",
+    "run_ranks",
+    "shutdown_pools",
+]
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_TESTS_DIR)
@@ -53,6 +60,34 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def destroy_group_cleanly() -> None:
+    """A barrier, then ``dist.destroy_process_group()`` (every group of this process), without
+    the exit deadlock of torch 2.5.1 / 2.7.1.
+
+    There the Python ProcessGroup wrapper frees its C++ group with the GIL held, and
+    ``~ProcessGroupGloo`` joins its worker threads. A worker that drops the last reference to a
+    finished collective's tensor whose Python object is already gone must take the GIL to free
+    it, so the process hangs when the group's last reference goes (seen on 2.7.1 under load:
+    gdb shows the main thread in ``std::thread::join`` under the ``ProcessGroup`` dealloc at the
+    return of ``destroy_process_group``, a worker in ``take_gil`` under
+    ``~AsyncAllreduceWork``; 2.13's ProcessGroup wrapper releases the GIL,
+    pytorch/pytorch#154976). The Python wrapper of the gloo backend already releases it
+    (``IntrusivePtrNoGilDestructor`` in torch/csrc/distributed/c10d/init.cpp), so the backends
+    are held here until the groups are gone: ``~ProcessGroupGloo`` then runs in the last ``del``
+    with the GIL free. The barrier is an all-reduce because ``dist.barrier()`` asks
+    ``torch._C._get_accelerator()``, which raises once the npu double has renamed privateuse1.
+    """
+    import torch
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    dist.all_reduce(torch.zeros(1))
+    cpu = torch.device("cpu")
+    backends = [g._get_backend(cpu) for g in list(distributed_c10d._world.pg_map)]
+    dist.destroy_process_group()
+    del backends
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.Queue) -> None:
@@ -93,7 +128,7 @@ def _worker(rank: int, world_size: int, port: int, tasks: mp.Queue, results: mp.
                 )
             )
     if world_size > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+        destroy_group_cleanly()
 
 
 class RankPool:
@@ -120,7 +155,7 @@ class RankPool:
             try:
                 tag, rank, _ = self.results.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty as e:
-                self.close()
+                self.close(grace=2.0)
                 raise TimeoutError(
                     f"rank pool of {world_size} did not start in {start_timeout}s"
                 ) from e
@@ -153,7 +188,7 @@ class RankPool:
             if left <= 0 or dead:
                 missing = sorted(set(range(self.world_size)) - set(outcomes))
                 failed = [o for o in outcomes.values() if not o.ok]
-                self.close()
+                self.close(grace=2.0)
                 detail = "".join(f"\n--- rank {o.rank} ---\n{o.traceback}" for o in failed)
                 why = (
                     f"died (ranks {dead})"
@@ -169,12 +204,15 @@ class RankPool:
                 outcomes[rank] = outcome
         return [outcomes[r] for r in range(self.world_size)]
 
-    def close(self) -> None:
+    def close(self, grace: float = 10.0) -> None:
+        """Ask every rank to leave (clean group shutdown), kill what is left after ``grace`` s
+        (a rank stuck in a collective)."""
         for q in self.tasks:
             with contextlib.suppress(Exception):
                 q.put(None)
+        deadline = time.monotonic() + grace
         for p in self.procs:
-            p.join(timeout=2)
+            p.join(timeout=max(0.1, deadline - time.monotonic()))
         for p in self.procs:
             if p.is_alive():
                 p.kill()

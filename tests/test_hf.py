@@ -285,7 +285,8 @@ def test_plan_errors_name_the_entry() -> None:
     }
     styles = {p.name: p.style for p in plans}
     assert styles.pop("model.embed_tokens") == "embedding_rowwise"
-    assert styles.pop("lm_head") == "colwise_gather_output"
+    # the CausalLM's _tp_plan: "colwise_rep" in transformers 4, "colwise_gather_output" in 5
+    assert styles.pop("lm_head") in ("colwise_rep", "colwise_gather_output")
     assert all(name.startswith("model.layers.") for name in styles)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -13,7 +11,7 @@ import npu_double
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from mp_harness import destroy_group_cleanly, run_ranks
 from npu_double import (
     FORMAT_FRACTAL_NZ,
     FORMAT_ND,
@@ -43,7 +41,7 @@ def gloo_world1() -> Iterator[None]:
         try:
             yield
         finally:
-            dist.destroy_process_group()
+            destroy_group_cleanly()
 
 
 # ------------------------------------------------------------------ npu_trans_quant_param
@@ -473,19 +471,12 @@ def test_install_uninstall_restore_state() -> None:
     assert npu_double.active_double() is None
 
 
-# ------------------------------------------------------------------ two ranks (spawned)
+# ------------------------------------------------------------------ two ranks (reused pool)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _two_rank_worker(rank: int, world: int, port: int) -> None:
+def _two_rank_body(rank: int, world: int) -> None:
+    """On a tests/mp_harness.py rank: the double's fused op over the pool's gloo group."""
     double = npu_double.install_double()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         import torch_npu
 
@@ -510,9 +501,8 @@ def _two_rank_worker(rank: int, world: int, port: int) -> None:
         assert out.float().tolist() == [[20.0, 40.0], [60.0, 63.5]]
         assert double.comm_name_lookups == 1
     finally:
-        dist.destroy_process_group()
         npu_double.uninstall_double()
 
 
 def test_two_ranks_all_reduce_and_comm_quant() -> None:
-    mp.spawn(_two_rank_worker, args=(2, _free_port()), nprocs=2, join=True)
+    run_ranks(2, _two_rank_body)
