@@ -70,6 +70,12 @@ def _recipes() -> list[tuple[str, str, dict[str, Any], bool]]:
         ("W8A8 static min-max", "static", {"config": st}, False),
         ("W8A8 static, smooth auto + GPTQ", "static", {"config": st, **sg}, False),
         ("W8A8 static, smooth auto", "static", {"config": st, "smooth": "auto"}, False),
+        (
+            "W8A8 static, smooth 0.8 + GPTQ",
+            "static",
+            {"config": st, "smooth": 0.8, "gptq": True},
+            False,
+        ),
         ("W8A8 dynamic, smooth auto", "dyn", {"config": dyn, "smooth": "auto"}, True),
         ("W8A8 dynamic, smooth auto + GPTQ", "dyn", {"config": dyn, **sg}, True),
         (
@@ -327,30 +333,30 @@ def merge(names: list[str]) -> dict[str, Any]:
 
 
 def markdown(doc: dict[str, Any]) -> str:
-    """The README table of a merged results document."""
-    lines = [
-        "| recipe | loader (float ppl) | ppl | vs float | linears float | TP 2 ppl (vs float) |",
-        "|---|---|---|---|---|---|",
-    ]
+    """The README table of a merged results document (a loader column when the parts used
+    more than one)."""
+    many = len(doc["float_ppl_by_loader"]) > 1
+    head = ["recipe", *(["loader (float ppl)"] if many else []), "ppl", "vs float"]
+    head += ["linears float", "TP 2 ppl (vs float TP 1; vs float TP 2)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def row(cells: list[str]) -> None:
+        lines.append("| " + " | ".join(cells) + " |")
+
     for loader, ppl in doc["float_ppl_by_loader"].items():
-        lines.append(f"| float (bf16) | {loader} | {ppl:.4f} | - | 0 | |")
-    if "float_tp2_ppl" in doc:
-        lines.append(
-            f"| float (bf16), tp_layers.load_pretrained TP 2 | | | | 0 | {doc['float_tp2_ppl']:.4f} |"
-        )
+        tp2 = f"{doc['float_tp2_ppl']:.4f}" if "float_tp2_ppl" in doc else ""
+        row(["float (bf16)", *([loader] if many else []), f"{ppl:.4f}", "-", "0", tp2])
     defaults = {label for label, _, kw, _ in _recipes() if _is_cli_default(kw)}
     for r in doc["recipes"]:
         tp2 = ""
         if "tp2_ppl" in r:
             tp2 = f"{r['tp2_ppl']:.4f} ({r['tp2_pct']:+.2f}%"
             if "tp2_pct_vs_tp2_float" in r:
-                tp2 += f"; {r['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2"
+                tp2 += f"; {r['tp2_pct_vs_tp2_float']:+.2f}%"
             tp2 += ")"
         label = f"**{r['label']}** (CLI default)" if r["label"] in defaults else r["label"]
-        lines.append(
-            f"| {label} | {r['loader']} ({r['float_ppl']:.4f}) | {r['ppl']:.4f} | "
-            f"{r['pct']:+.2f}% | {len(r['excluded'])} | {tp2} |"
-        )
+        loader = [f"{r['loader']} ({r['float_ppl']:.4f})"] if many else []
+        row([label, *loader, f"{r['ppl']:.4f}", f"{r['pct']:+.2f}%", str(len(r["excluded"])), tp2])
     return "\n".join(lines)
 
 

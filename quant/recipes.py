@@ -13,11 +13,12 @@ __all__ = ["RECOMMENDED", "accuracy_kwargs", "parse_fallback", "recipe_key", "re
 #: recipe key (``recipe_key``) -> quantize_checkpoint settings used when a calib file is given
 #: and the flag is not set on the command line (``--recipe plain`` turns them off). Each entry is
 #: the best row of ``python -m bench quant`` for that scheme (README quant section): GPTQ pays
-#: for per-group int8 weights only, dynamic W8A8 needs smoothing only, static W8A8 both.
+#: for per-group int8 weights only, dynamic W8A8 needs smoothing only, static W8A8 both, with a
+#: fixed alpha (the per-group search picks alphas of lower layer error but higher perplexity).
 RECOMMENDED: dict[str, dict[str, Any]] = {
     "W8A16": {},
     "W8A16 per-group": {"gptq": True},
-    "W8A8": {"smooth": "auto", "gptq": True},
+    "W8A8": {"smooth": 0.8, "gptq": True},
     "W8A8_DYNAMIC": {"smooth": "auto"},
 }
 

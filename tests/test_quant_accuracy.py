@@ -203,7 +203,7 @@ def test_w8a8_summary_names_the_load_dtype_and_static_warns(tmp_path, capsys, ca
     [
         (["--scheme", "w8a16"], {"smooth": None, "gptq": False}),
         (["--scheme", "w8a16", "--group-size", "64"], {"smooth": None, "gptq": True}),
-        (["--scheme", "w8a8"], {"smooth": "auto", "gptq": True}),
+        (["--scheme", "w8a8"], {"smooth": 0.8, "gptq": True}),
         (["--scheme", "w8a8_dynamic"], {"smooth": "auto", "gptq": False}),
         (["--scheme", "w8a8", "--recipe", "plain"], {"smooth": None, "gptq": False}),
         (["--scheme", "w8a8_dynamic", "--smooth", "0.5"], {"smooth": 0.5, "gptq": False}),
