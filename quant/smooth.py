@@ -316,20 +316,17 @@ def apply_smoothing(
     times the linear equals the original exactly (``m / stored m`` where both are non-zero,
     which also absorbs the bf16/fp16 rounding of the stored norm; ``scales`` elsewhere, and
     always when the norm has a bias). A channel whose stored multiplier would round to 0
-    (``m / s`` below the dtype's resolution around ``-offset``) keeps its original weight."""
+    (``m / s`` below the dtype's resolution around ``-offset``) gets the representable one
+    nearest to 0 of ``m``'s sign instead (its factor then stays below ``s``)."""
     m = norm_weight.to(torch.float32) + offset
     s = scales.to(torch.float32)
-
-    def store(mult: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        w = (mult - offset).to(out_dtype)
-        return w, w.to(torch.float32) + offset
-
-    new_w, stored = store(m / s)
+    new_w = (m / s - offset).to(out_dtype)
+    stored = new_w.to(torch.float32) + offset
     lost = (stored == 0) & (m != 0)
     if bool(lost.any()):
-        keep_w, keep_stored = store(m)
-        new_w = torch.where(lost, keep_w, new_w)
-        stored = torch.where(lost, keep_stored, stored)
+        toward = torch.where(m > 0, torch.inf, -torch.inf).to(out_dtype)
+        new_w = torch.where(lost, torch.nextafter(new_w, toward), new_w)
+        stored = new_w.to(torch.float32) + offset
     new_b = None if norm_bias is None else (norm_bias.to(torch.float32) / s).to(out_dtype)
     eff = s
     if norm_bias is None:
