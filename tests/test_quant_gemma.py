@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_quant_accuracy import TEXT
 
 from quant import W8A8, quantize_checkpoint
 from quant.checkpoint import DESCRIPTION_FILE
@@ -27,10 +28,6 @@ from quant.smooth import (
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-TEXT = (
-    "the quick brown fox jumps over the lazy dog and the dog sleeps while the fox runs "
-    "far away into the green forest where the birds sing every morning of the year "
-) * 6
 CALIB = "a bird and a fox sing in the green forest every year while the lazy dog runs " * 8
 WORDS = sorted(set(TEXT.split()) | set(CALIB.split()))
 H, HEADS, KV, HD, LAYERS = 64, 4, 1, 16, 2
