@@ -140,9 +140,13 @@ def run(quick: bool = False) -> list[Target]:
         }
         extra = ""
         if tp2:
-            tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
-            entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
-            extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%)"
+            try:
+                tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
+                entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
+                extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%)"
+            except RuntimeError as e:  # the model does not load at TP 2: say why, go on
+                entry["tp2_error"] = str(e).strip().splitlines()[-1]
+                extra = f"TP 2 skipped: {entry['tp2_error']}"
         rows.append([label, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])
         print(
             f"{label}: ppl {q.ppl:.4f} ({pct:+.2f}%) convert {res.seconds:.0f} s, "
