@@ -121,7 +121,7 @@ def fetch_gguf(cache: Path, src: GGUFSource = SOURCES["smollm2"]) -> Path:
     if target.is_file():
         return target
     env = os.environ.get("DEMO_GGUF")
-    if env and src.fallback:
+    if env and src.name == "smollm2":
         return Path(env)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
