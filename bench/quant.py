@@ -167,10 +167,15 @@ def run(quick: bool = False) -> list[Target]:
     fp_tp2: float | None = None
     if any(tp2 and _wanted(label) for label, _, _, tp2 in _recipes()):
         # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
-        fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows)[0]
-        payload["float_tp2_ppl"] = fp_tp2
-        rows.append(["float (bf16), tp_layers TP 2", f"{fp_tp2:.4f}", "-", "0", ""])
-        print(f"float TP 2: ppl {fp_tp2:.4f} ({100 * (fp_tp2 / fp.ppl - 1):+.2f}%)", flush=True)
+        try:
+            fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows)[0]
+        except RuntimeError as e:  # the model does not load at TP 2: the rows will say why
+            print(f"float TP 2: skipped: {str(e).strip().splitlines()[-1]}", flush=True)
+        else:
+            payload["float_tp2_ppl"] = fp_tp2
+            rows.append(["float (bf16), tp_layers TP 2", f"{fp_tp2:.4f}", "-", "0", ""])
+            pct2 = 100 * (fp_tp2 / fp.ppl - 1)
+            print(f"float TP 2: ppl {fp_tp2:.4f} ({pct2:+.2f}%)", flush=True)
 
     def record(label: str, group: str, res: Any, out: Path, tp2: bool, kw: dict[str, Any]) -> None:
         t1 = time.perf_counter()
@@ -188,14 +193,17 @@ def run(quick: bool = False) -> list[Target]:
         }
         extra = ""
         if tp2:
-            tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
-            entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
-            assert fp_tp2 is not None
-            entry["tp2_pct_vs_tp2_float"] = 100 * (tp2v / fp_tp2 - 1)
-            extra = (
-                f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%; "
-                f"{entry['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2)"
-            )
+            try:
+                tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
+                entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
+                extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%"
+                if fp_tp2 is not None:
+                    entry["tp2_pct_vs_tp2_float"] = 100 * (tp2v / fp_tp2 - 1)
+                    extra += f"; {entry['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2"
+                extra += ")"
+            except RuntimeError as e:  # the model does not load at TP 2: say why, go on
+                entry["tp2_error"] = str(e).strip().splitlines()[-1]
+                extra = f"TP 2 skipped: {entry['tp2_error']}"
         entry["eval_s"] = time.perf_counter() - t1
         shown = f"{label} (CLI default)" if entry["cli_default"] else label
         rows.append([shown, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])

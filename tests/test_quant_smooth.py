@@ -55,8 +55,11 @@ def _config(arch: str):
         "qwen3": transformers.Qwen3Config,
         "phi3": transformers.Phi3Config,
         "starcoder2": transformers.Starcoder2Config,
+        "gemma": transformers.GemmaConfig,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
     }[arch]
-    extra = {"head_dim": H // 4} if arch == "qwen3" else {}
+    extra = {"head_dim": H // 4} if arch in ("qwen3", "gemma", "gemma2", "gemma3_text") else {}
     if arch == "phi3":
         extra = {"pad_token_id": 0}
     return cls(**common, **extra)
@@ -161,8 +164,8 @@ def test_groups_of_a_llama_checkpoint():
         in groups
     )
     assert not any("o_proj" in m or "down_proj" in m for g in groups for m in g.linears)
-    with pytest.raises(ValueError, match="unsupported architecture model_type='gemma2'"):
-        find_smooth_groups("gemma2", names)
+    with pytest.raises(ValueError, match="unsupported architecture model_type='olmo2'"):
+        find_smooth_groups("olmo2", names)
     with pytest.raises(ValueError, match="unexpected llama layout"):
         find_smooth_groups("llama", [n for n in names if "k_proj" not in n])
     downs = find_down_smooth_groups("llama", names)
@@ -171,7 +174,7 @@ def test_groups_of_a_llama_checkpoint():
         for i in (0, 1, 10)
     ]
     assert find_down_smooth_groups("starcoder2", names) == []  # no gate: not linear in c_fc
-    assert find_down_smooth_groups("gemma2", names) == []
+    assert find_down_smooth_groups("olmo2", names) == []
     with pytest.raises(ValueError, match="unexpected llama MLP layout"):
         find_down_smooth_groups("llama", [n for n in names if "layers.1.mlp.down" not in n])
     phi3 = find_down_smooth_groups(
@@ -216,7 +219,7 @@ def test_smoothing_is_exact_in_float(tmp_path, arch):
     assert len(res.smoothed) == 2 * LAYERS
     tensors = load_file(str(out / "model.safetensors"))
     orig = model.state_dict()
-    norm = "model.layers.1.post_attention_layernorm.weight"
+    norm = f"model.layers.1.{SMOOTH_ARCHITECTURES[arch][1].norm}.weight"  # the MLP's
     assert not torch.equal(tensors[norm], orig[norm])  # really smoothed
     downs = [d for d in res.smoothed_down if "o_proj" not in d]
     if arch in DOWN_SMOOTH_ARCHITECTURES:
@@ -407,9 +410,9 @@ def test_smooth_bad_usage(tmp_path, capsys):
         assert not out.exists()
     # unknown architecture
     cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gemma2"}))
+    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "olmo2"}))
     assert main([*base, "--scheme", "w8a8", "--smooth", "--calib", str(calib)]) == 2
-    assert "unsupported architecture model_type='gemma2'" in capsys.readouterr().err
+    assert "unsupported architecture model_type='olmo2'" in capsys.readouterr().err
     assert not out.exists()
     # Python API
     with pytest.raises(ValueError, match=r"W8A8 \(static or dynamic\) only"):

@@ -4,6 +4,7 @@ unless told otherwise."""
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -56,10 +57,33 @@ def _meta_buffers(mod: nn.Module) -> list[str]:
     return [n for n, b in mod._buffers.items() if b is not None and b.device.type == "meta"]
 
 
+def _init_buffers(mod: nn.Module, names: list[str], init) -> None:
+    """Fill ``mod``'s meta float buffers ``names`` (rotary ``inv_freq``, Gemma's scaled
+    embedding ``embed_scale``) with the model's ``_init_weights`` run on a shallow stand-in
+    whose parameters stay on meta, so loaded weights are untouched; a buffer the init does not
+    write (still NaN) stays on meta."""
+    stand_in = copy.copy(mod)
+    stand_in._parameters = {
+        k: None if v is None else nn.Parameter(v.to("meta"), requires_grad=False)
+        for k, v in mod._parameters.items()
+    }
+    stand_in._buffers = dict(mod._buffers)
+    for n in names:
+        b = mod._buffers[n]
+        if b.is_floating_point():
+            stand_in._buffers[n] = torch.full(b.shape, float("nan"), dtype=b.dtype)
+    with torch.no_grad():
+        init(stand_in)
+    for n in names:
+        b = stand_in._buffers[n]
+        if b is not None and b.device.type != "meta" and not bool(b.isnan().any()):
+            mod._buffers[n] = b
+
+
 def _rebuild_buffers(model: nn.Module) -> None:
     """Recompute the buffers a meta-built model lost (rotary ``inv_freq``...): parameter-free
-    modules are re-instantiated on CPU from their config; rotary embeddings fall back to the
-    model's own ``_init_weights``. Raises RuntimeError naming any buffer left on meta."""
+    modules are re-instantiated on CPU from their config; others fall back to the model's own
+    ``_init_weights`` (``_init_buffers``). Raises RuntimeError naming any buffer left on meta."""
     for mod in model.modules():
         names = _meta_buffers(mod)
         if not names:
@@ -77,12 +101,8 @@ def _rebuild_buffers(model: nn.Module) -> None:
                 mod._buffers[n] = fresh._buffers[n]
             continue
         init = getattr(model, "_init_weights", None)
-        if init is not None and "RotaryEmbedding" in type(mod).__name__:
-            for n in names:
-                b = mod._buffers[n]
-                mod._buffers[n] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
-            with torch.no_grad():
-                init(mod)
+        if init is not None:
+            _init_buffers(mod, names, init)
     left = [
         f"{mname}.{n}" if mname else n
         for mname, mod in model.named_modules()
