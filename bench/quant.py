@@ -25,6 +25,7 @@ float always runs);
 ``BENCH_QUANT_W8A16_FALLBACK``: points (in % of the linears) of W8A16 per-channel with
 ``fallback=N`` (``--fallback auto:N``: ranked by a trial conversion's calibration output
 error; default 5,10);
+``BENCH_QUANT_TP2=0``: no TP 2 rows;
 ``BENCH_QUANT_RESULT``: results file name (default ``quant`` -> bench/results/quant.json), so
 that parts of the table can run in parallel processes.
 """
@@ -165,7 +166,9 @@ def run(quick: bool = False) -> list[Target]:
     rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
 
     fp_tp2: float | None = None
-    if any(tp2 and _wanted(label) for label, _, _, tp2 in _recipes()):
+    if os.environ.get("BENCH_QUANT_TP2", "1") != "0" and any(
+        tp2 and _wanted(label) for label, _, _, tp2 in _recipes()
+    ):
         # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
         try:
             fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows)[0]
@@ -192,7 +195,7 @@ def run(quick: bool = False) -> list[Target]:
             "cli_default": _is_cli_default(kw),
         }
         extra = ""
-        if tp2:
+        if tp2 and os.environ.get("BENCH_QUANT_TP2", "1") != "0":
             try:
                 tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
                 entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
