@@ -218,57 +218,40 @@ def run(quick: bool = False) -> list[Target]:
         payload["recipes"].append(entry)
         save_results(result_name, payload, _targets(_best(payload["recipes"], n_linears)))
 
-    def fallback_curve(base: str, base_kw: dict[str, Any], worst: list[str]) -> None:
-        for pct_float in curve:
-            n = round(n_linears * pct_float / 100)
-            label = f"{base}, fallback {n} ({pct_float}%)"
-            if not _wanted(label):
-                continue
-            out = tmp / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            kw = {**base_kw, "exclude": worst[:n]}
-            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
-            record(label, "static", res, out, False, kw)
+    def measure(label: str, group: str, kw: dict[str, Any], tp2: bool = False) -> Any:
+        """Convert with ``kw`` into the scratch directory and record the row (None: not
+        wanted)."""
+        if not _wanted(label):
+            return None
+        out = tmp / "out"
+        shutil.rmtree(out, ignore_errors=True)
+        report = label == fallback_base
+        res = quantize_checkpoint(model, out, calib=cal, progress=False, report=report, **kw)
+        record(label, group, res, out, tp2, kw)
+        return res
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-quant-", dir=ROOT / ".cache"))
     try:
         for label, group, kw, tp2 in _recipes():
-            if not _wanted(label):
+            res = measure(label, group, kw, tp2)
+            if res is None or label != fallback_base:
                 continue
-            out = tmp / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            report = label == fallback_base
-            res = quantize_checkpoint(model, out, calib=cal, progress=False, report=report, **kw)
-            if report:
-                ranked = sorted(
-                    (r for r in res.reports if r.out_rel_err is not None),
-                    key=lambda r: r.out_rel_err or 0.0,
-                    reverse=True,
-                )
-                payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
-            record(label, group, res, out, tp2, kw)
-            if report:  # the N linears of largest output error FLOAT, same settings
-                fallback_curve(label, kw, [r.name for r in ranked])
-        st = W8A8()
+            ranked = sorted(
+                (r for r in res.reports if r.out_rel_err is not None),
+                key=lambda r: r.out_rel_err or 0.0,
+                reverse=True,
+            )
+            payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
+            for pct_float in curve:  # the N linears of largest output error FLOAT, same settings
+                n = round(n_linears * pct_float / 100)
+                worst = [r.name for r in ranked[:n]]
+                measure(f"{label}, fallback {n} ({pct_float}%)", group, {**kw, "exclude": worst})
         for pct_float in w16_curve:
             n = round(n_linears * pct_float / 100)
-            label = f"W8A16 per-channel, fallback {n} ({pct_float}%)"
-            if not _wanted(label):
-                continue
-            out = tmp / "out"
-            shutil.rmtree(out, ignore_errors=True)
             kw = {"config": W8A16(), "fallback": n}
-            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
-            record(label, "w8a16", res, out, False, kw)
+            measure(f"W8A16 per-channel, fallback {n} ({pct_float}%)", "w8a16", kw)
         for alpha in alphas:
-            label = f"W8A8 static, smooth {alpha:g}"
-            if not _wanted(label):
-                continue
-            out = tmp / "out"
-            shutil.rmtree(out, ignore_errors=True)
-            kw = {"config": st, "smooth": alpha}
-            res = quantize_checkpoint(model, out, calib=cal, progress=False, **kw)
-            record(label, "static", res, out, False, kw)
+            measure(f"W8A8 static, smooth {alpha:g}", "static", {"config": W8A8(), "smooth": alpha})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print_table(
