@@ -8,7 +8,8 @@ license text shipped with the OS (/usr/share/common-licenses/GPL-3, ~7.6k tokens
 kept per layer for GPTQ / smoothing / reports (ranges are observed on all of them).
 Perplexity by ``quant.evaluate_perplexity`` (512-token non-overlapping windows, the first
 ``BENCH_QUANT_WINDOWS`` of them, default all: 15 windows, 7,643 scored tokens of GPL-3;
-``--quick``: 2) in bf16 at TP 1; W8A8 dynamic also
+``--quick``: 2; each window preceded by the tokenizer's special prefix, e.g. Gemma's <bos>,
+context only) in bf16 at TP 1; W8A8 dynamic also
 through ``tp_layers.load_pretrained`` at TP 2 (each rank quantizes its half of a row-parallel
 input with its own per-token scale, as the fused kernel does). Calibration is collected once
 and shared by every recipe. The fallback curve keeps the N linears of largest output error in
@@ -106,12 +107,14 @@ def _is_cli_default(kw: dict[str, Any]) -> bool:
     return {k: v for k, v in kw.items() if k != "config"} == recommended(kw["config"])
 
 
-def _tp_ppl(rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int | None) -> float:
+def _tp_ppl(
+    rank: int, ws: int, qdir: str, ids: torch.Tensor, windows: int | None, prefix: list[int]
+) -> float:
     from quant.evaluate import evaluate_perplexity
     from tp_layers import load_pretrained
 
     model = load_pretrained(qdir, dtype=torch.bfloat16, pad_heads=True)  # 9 heads over TP 2
-    return evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows).ppl
+    return evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows, prefix=prefix).ppl
 
 
 def _wanted(label: str) -> bool:
@@ -125,7 +128,7 @@ def run(quick: bool = False) -> list[Target]:
     import transformers
 
     from quant import W8A8, W8A16, quantize_checkpoint
-    from quant.calibration import load_calibration
+    from quant.calibration import load_calibration, special_prefix
     from quant.checkpoint import CheckpointReader
     from quant.evaluate import evaluate_perplexity, load_text
 
@@ -141,6 +144,7 @@ def run(quick: bool = False) -> list[Target]:
     alphas = [float(a) for a in os.environ.get("BENCH_QUANT_ALPHAS", "0.5,0.8,1.0").split(",") if a]
     tok = transformers.AutoTokenizer.from_pretrained(str(model), local_files_only=True)
     ids = tok(load_text(text_path), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    prefix = special_prefix(tok)  # before every window, context only (Gemma: <bos>)
     t0 = time.perf_counter()
     cal = load_calibration(
         calib_path, model_dir=model, samples=samples, seq_len=WINDOW, max_rows=2048
@@ -149,7 +153,7 @@ def run(quick: bool = False) -> list[Target]:
     with CheckpointReader(model) as r:
         n_linears = sum(1 for n in r.names() if n.endswith("proj.weight"))
     t0 = time.perf_counter()
-    fp = evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows)
+    fp = evaluate_perplexity(model, ids, window=WINDOW, max_windows=windows, prefix=prefix)
     print(f"float: ppl {fp.ppl:.4f} {time.perf_counter() - t0:.0f} s", flush=True)
     setup = {
         "model": str(model.name),
@@ -161,6 +165,8 @@ def run(quick: bool = False) -> list[Target]:
         "n_linears": n_linears,
         "loader": "quant.evaluate.load_model, TP 1",
     }
+    if prefix:
+        setup["window_prefix"] = prefix
     payload: dict[str, Any] = {"setup": setup, "float_ppl": fp.ppl, "tokens": fp.tokens}
     payload["recipes"] = []
     rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
@@ -171,7 +177,7 @@ def run(quick: bool = False) -> list[Target]:
     ):
         # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
         try:
-            fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows)[0]
+            fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows, prefix)[0]
         except RuntimeError as e:  # the model does not load at TP 2: the rows will say why
             print(f"float TP 2: skipped: {str(e).strip().splitlines()[-1]}", flush=True)
         else:
@@ -182,7 +188,7 @@ def run(quick: bool = False) -> list[Target]:
 
     def record(label: str, group: str, res: Any, out: Path, tp2: bool, kw: dict[str, Any]) -> None:
         t1 = time.perf_counter()
-        q = evaluate_perplexity(out, ids, window=WINDOW, max_windows=windows)
+        q = evaluate_perplexity(out, ids, window=WINDOW, max_windows=windows, prefix=prefix)
         pct = 100 * (q.ppl / fp.ppl - 1)
         entry: dict[str, Any] = {
             "label": label,
@@ -197,7 +203,7 @@ def run(quick: bool = False) -> list[Target]:
         extra = ""
         if tp2 and os.environ.get("BENCH_QUANT_TP2", "1") != "0":
             try:
-                tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows)[0]
+                tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows, prefix)[0]
                 entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
                 extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%"
                 if fp_tp2 is not None:

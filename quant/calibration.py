@@ -49,6 +49,7 @@ from torch import nn
 from quant.algorithms import ActivationRange, MinMaxObserver, MSEObserver, PercentileObserver
 
 __all__ = [
+    "special_prefix",
     "Calibration",
     "collect_activations",
     "load_calibration",
@@ -272,6 +273,13 @@ def _prompts(p: Path) -> list[str]:
     return out
 
 
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The token ids ``tokenizer`` puts before any text (``add_special_tokens=True`` on an empty
+    string): ``[bos]`` for Gemma / Llama-style tokenizers, ``[]`` for SmolLM2 / GPT-2 style."""
+    ids = tokenizer("", add_special_tokens=True)["input_ids"]
+    return [int(i) for i in torch.as_tensor(ids, dtype=torch.long).reshape(-1).tolist()]
+
+
 def _tokenize_file(
     p: Path, model_dir: str | os.PathLike[str] | None, samples: int, seq_len: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,9 +293,11 @@ def _tokenize_file(
         rows = [
             tok(t, add_special_tokens=True)["input_ids"][:seq_len] for t in _prompts(p)[:samples]
         ]
-    else:
+    else:  # each sequence starts as a tokenized document does (Gemma: <bos>)
         stream = tok(text, add_special_tokens=False)["input_ids"]
-        rows = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)][:samples]
+        pre = special_prefix(tok)[: seq_len - 2]
+        n = seq_len - len(pre)
+        rows = [pre + stream[i : i + n] for i in range(0, len(stream), n)][:samples]
     rows = [r for r in rows if len(r) >= 2]
     if not rows:
         raise ValueError(f"calib file {p}: no text to calibrate on")

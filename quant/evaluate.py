@@ -7,6 +7,9 @@ earlier window scored (the first ``window - stride`` positions of an overlapping
 context only). Target ``t`` is predicted from positions ``< t`` of its window; the first token
 of the text is never a target. ``ppl = exp(sum NLL / number of scored targets)``, NLL in
 float32 from the model's logits: the Hugging Face "perplexity of fixed-length models" recipe.
+Each window is preceded by ``prefix`` token ids, context only (default for a text: the tokens
+the tokenizer puts before any text, ``special_prefix``: Gemma's ``<bos>``, nothing for
+SmolLM2), so a model that expects a BOS sees one in every window.
 
 A model directory is loaded by ``load_model`` in one process: the transformers model of its
 config.json with every quantized linear replaced by ``quant.QuantLinear`` (the same per-scheme
@@ -27,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quant.calibration import special_prefix
 from quant.checkpoint import CheckpointReader
 from quant.modules import QuantLinear
 from quant.schemes import FP
@@ -38,6 +42,7 @@ __all__ = [
     "format_comparison",
     "load_model",
     "load_text",
+    "special_prefix",
     "window_spans",
 ]
 
@@ -199,10 +204,12 @@ def _no_init() -> Any:
     return no_init_weights()
 
 
-def _tokenize(text: str | Sequence[int] | torch.Tensor, tokenizer: Any, where: Path | None):
+def _tokenize(
+    text: str | Sequence[int] | torch.Tensor, tokenizer: Any, where: Path | None
+) -> tuple[torch.Tensor, list[int]]:
+    """(ids (n,) long, default prefix): token ids are taken as given, with no prefix."""
     if isinstance(text, torch.Tensor) or (not isinstance(text, str) and text is not None):
-        ids = torch.as_tensor(text).reshape(-1).long()
-        return ids
+        return torch.as_tensor(text).reshape(-1).long(), []
     if tokenizer is None:
         if where is None:
             raise ValueError("tokenizer: needed to evaluate a text on a module")
@@ -210,7 +217,7 @@ def _tokenize(text: str | Sequence[int] | torch.Tensor, tokenizer: Any, where: P
 
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(where), local_files_only=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-    return ids.reshape(-1).long()
+    return ids.reshape(-1).long(), special_prefix(tokenizer)
 
 
 def evaluate_perplexity(
@@ -222,6 +229,7 @@ def evaluate_perplexity(
     tokenizer: Any = None,
     dtype: torch.dtype | None = None,
     max_windows: int | None = None,
+    prefix: Sequence[int] | None = None,
 ) -> Perplexity:
     """Perplexity of a causal LM on ``text`` (a string, or token ids (n,)), in windows.
 
@@ -230,7 +238,9 @@ def evaluate_perplexity(
     an output with ``.logits``. tokenizer: anything called as ``tokenizer(text,
     return_tensors="pt")`` (default: the model directory's). window / stride: tokens per window
     and between window starts (default stride = window). max_windows: evaluate only the first
-    windows (cheap smoke runs). See the module docstring for what is scored.
+    windows (cheap smoke runs). prefix: token ids before every window, never scored
+    (default: ``special_prefix(tokenizer)`` for a text, none for token ids). See the module
+    docstring for what is scored.
     """
     stride = window if stride is None else stride
     where = None
@@ -241,7 +251,9 @@ def evaluate_perplexity(
         if not where.is_dir():
             raise FileNotFoundError(f"model directory not found: {where}")
         model = load_model(where, dtype)
-    ids = _tokenize(text, tokenizer, where)
+    ids, auto_prefix = _tokenize(text, tokenizer, where)
+    pre = torch.as_tensor(auto_prefix if prefix is None else list(prefix), dtype=torch.long)
+    p = pre.numel()
     spans = window_spans(ids.numel(), window, stride)
     if max_windows is not None:
         spans = spans[: max(1, max_windows)]
@@ -253,8 +265,9 @@ def evaluate_perplexity(
     try:
         with torch.no_grad():
             for begin, end, first in spans:
-                logits = _logits(model, ids[begin:end].unsqueeze(0))[0].to(torch.float32)
-                pred = logits[first - 1 - begin : end - 1 - begin]  # predicts targets first..end
+                x = torch.cat([pre, ids[begin:end]]).unsqueeze(0)
+                logits = _logits(model, x)[0].to(torch.float32)
+                pred = logits[p + first - 1 - begin : p + end - 1 - begin]  # targets first..end
                 lp = torch.log_softmax(pred, dim=-1)
                 tgt = ids[first:end]
                 nll -= float(lp.gather(1, tgt.unsqueeze(1)).sum())

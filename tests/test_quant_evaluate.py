@@ -199,3 +199,40 @@ def test_load_model_missing_tensor_names_it(tmp_path):
         load_model(d)
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         load_model(tmp_path)
+
+
+def test_prefix_is_context_only_and_defaults_to_the_tokenizers_bos():
+    ids = [1, 2, 0, 3]
+
+    def nll(shift: int) -> float:  # PrefixCount: target j is predicted at position j - 1 + shift
+        return -sum(_log_softmax([j + shift] + [0.0] * (V - 1), ids[j]) for j in range(1, 4))
+
+    plain = evaluate_perplexity(PrefixCount(), ids, window=4)
+    with_bos = evaluate_perplexity(PrefixCount(), ids, window=4, prefix=[5])
+    assert plain.nll == pytest.approx(nll(0)) and plain.tokens == 3
+    assert with_bos.nll == pytest.approx(nll(1)) and with_bos.tokens == 3
+
+    class BosTok:  # adds <bos> = 5 before any text, like Gemma's tokenizer
+        def __call__(self, text, return_tensors=None, add_special_tokens=True):
+            row = ([5] if add_special_tokens else []) + [int(c) for c in text]
+            return {"input_ids": torch.tensor([row]) if return_tensors else row}
+
+    by_text = evaluate_perplexity(PrefixCount(), "1203", tokenizer=BosTok(), window=4)
+    assert by_text.nll == pytest.approx(with_bos.nll)
+    none = evaluate_perplexity(PrefixCount(), "1203", tokenizer=BosTok(), window=4, prefix=[])
+    assert none.nll == pytest.approx(plain.nll)
+
+
+def test_text_calibration_sequences_start_with_the_tokenizers_prefix(tmp_path, monkeypatch):
+    import quant.calibration as qc
+
+    class BosTok:
+        def __call__(self, text, add_special_tokens=True, **_):
+            return {"input_ids": ([5] if add_special_tokens else []) + [int(c) for c in text]}
+
+    monkeypatch.setattr(qc, "_tokenizer", lambda _dir: BosTok())
+    f = tmp_path / "c.txt"
+    f.write_text("1234567")
+    ids, mask = qc._tokenize_file(f, None, samples=8, seq_len=4)
+    assert ids.tolist() == [[5, 1, 2, 3], [5, 4, 5, 6], [5, 7, 0, 0]]
+    assert mask.tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
