@@ -249,11 +249,11 @@ def run(quick: bool = False) -> list[Target]:
             )
             payload["static_worst_layers"] = [[r.name, r.out_rel_err] for r in ranked[:30]]
             for pct_float in curve:  # the N linears of largest output error FLOAT, same settings
-                n = round(n_linears * pct_float / 100)
+                n = n_linears * pct_float // 100  # at most pct_float% FLOAT
                 worst = [r.name for r in ranked[:n]]
                 measure(f"{label}, fallback {n} ({pct_float}%)", group, {**kw, "exclude": worst})
         for pct_float in w16_curve:
-            n = round(n_linears * pct_float / 100)
+            n = n_linears * pct_float // 100  # at most pct_float% FLOAT
             kw = {"config": W8A16(), "fallback": n}
             measure(f"W8A16 per-channel, fallback {n} ({pct_float}%)", "w8a16", kw)
         for alpha in alphas:
@@ -290,7 +290,8 @@ def _best(recipes: list[dict[str, Any]], n_linears: int) -> dict[str, float]:
 
 
 def merge(names: list[str]) -> dict[str, Any]:
-    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json.
+    """Merge results files of parallel parts (``BENCH_QUANT_RESULT``) into bench/results/quant.json
+    (or ``$BENCH_QUANT_RESULT.json``).
     The parts must share the setup up to the loader; each recipe keeps the float perplexity it
     is compared with (its part's, same loader) and its part's name. Returns the merged
     document."""
@@ -328,7 +329,7 @@ def merge(names: list[str]) -> dict[str, Any]:
         if "static_worst_layers" in d:
             payload["static_worst_layers"] = d["static_worst_layers"]
     targets = _targets(_best(payload["recipes"], base["setup"]["n_linears"]))
-    save_results("quant", payload, targets)
+    save_results(os.environ.get("BENCH_QUANT_RESULT", "quant"), payload, targets)
     return {**payload, "targets": [t.as_dict() for t in targets]}
 
 
