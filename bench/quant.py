@@ -171,15 +171,21 @@ def run(quick: bool = False) -> list[Target]:
     payload["recipes"] = []
     rows: list[list[Any]] = [["float (bf16)", f"{fp.ppl:.4f}", "-", "0", ""]]
 
-    fp_tp2: float | None = None
-    if os.environ.get("BENCH_QUANT_TP2", "1") != "0" and any(
-        tp2 and _wanted(label) for label, _, _, tp2 in _recipes()
-    ):
-        # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
+    tp2_on = os.environ.get("BENCH_QUANT_TP2", "1") != "0"
+
+    def tp2_ppl(qdir: Path) -> tuple[float | None, str | None]:
+        """(TP 2 perplexity through tp_layers, None) or (None, why the model does not load)."""
         try:
-            fp_tp2 = run_ranks("bench.quant:_tp_ppl", 2, str(model), ids, windows, prefix)[0]
-        except RuntimeError as e:  # the model does not load at TP 2: the rows will say why
-            print(f"float TP 2: skipped: {str(e).strip().splitlines()[-1]}", flush=True)
+            return run_ranks("bench.quant:_tp_ppl", 2, str(qdir), ids, windows, prefix)[0], None
+        except RuntimeError as e:
+            return None, str(e).strip().splitlines()[-1]
+
+    fp_tp2: float | None = None
+    if tp2_on and any(tp2 and _wanted(label) for label, _, _, tp2 in _recipes()):
+        # the same-loader baseline of the TP 2 rows (float through tp_layers at TP 2)
+        fp_tp2, why = tp2_ppl(model)
+        if fp_tp2 is None:
+            print(f"float TP 2: skipped: {why}", flush=True)
         else:
             payload["float_tp2_ppl"] = fp_tp2
             rows.append(["float (bf16), tp_layers TP 2", f"{fp_tp2:.4f}", "-", "0", ""])
@@ -201,18 +207,17 @@ def run(quick: bool = False) -> list[Target]:
             "cli_default": _is_cli_default(kw),
         }
         extra = ""
-        if tp2 and os.environ.get("BENCH_QUANT_TP2", "1") != "0":
-            try:
-                tp2v = run_ranks("bench.quant:_tp_ppl", 2, str(out), ids, windows, prefix)[0]
-                entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
-                extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%"
-                if fp_tp2 is not None:
-                    entry["tp2_pct_vs_tp2_float"] = 100 * (tp2v / fp_tp2 - 1)
-                    extra += f"; {entry['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2"
-                extra += ")"
-            except RuntimeError as e:  # the model does not load at TP 2: say why, go on
-                entry["tp2_error"] = str(e).strip().splitlines()[-1]
-                extra = f"TP 2 skipped: {entry['tp2_error']}"
+        tp2v, why = tp2_ppl(out) if tp2 and tp2_on else (None, None)
+        if why is not None:  # the model does not load at TP 2: say why, go on
+            entry["tp2_error"] = why
+            extra = f"TP 2 skipped: {why}"
+        elif tp2v is not None:
+            entry["tp2_ppl"], entry["tp2_pct"] = tp2v, 100 * (tp2v / fp.ppl - 1)
+            extra = f"TP 2 {tp2v:.4f} ({entry['tp2_pct']:+.2f}%"
+            if fp_tp2 is not None:
+                entry["tp2_pct_vs_tp2_float"] = 100 * (tp2v / fp_tp2 - 1)
+                extra += f"; {entry['tp2_pct_vs_tp2_float']:+.2f}% vs float TP 2"
+            extra += ")"
         entry["eval_s"] = time.perf_counter() - t1
         shown = f"{label} (CLI default)" if entry["cli_default"] else label
         rows.append([shown, f"{q.ppl:.4f}", f"{pct:+.2f}%", str(len(res.excluded)), extra])
@@ -307,7 +312,7 @@ def merge(names: list[str]) -> dict[str, Any]:
         return {k: v for k, v in d["setup"].items() if k != "loader"}
 
     base = docs[0]
-    recipes: dict[str, dict[str, Any]] = {}  # a label measured again in a later part: the later
+    recipes: dict[str, dict[str, Any]] = {}  # label -> row; a later part's row replaces
     floats: dict[str, float] = {}
     for n, d in zip(names, docs):
         if same(d) != same(base):

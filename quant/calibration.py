@@ -49,12 +49,12 @@ from torch import nn
 from quant.algorithms import ActivationRange, MinMaxObserver, MSEObserver, PercentileObserver
 
 __all__ = [
-    "special_prefix",
     "Calibration",
     "collect_activations",
     "load_calibration",
     "observe_ranges",
     "save_activations",
+    "special_prefix",
 ]
 
 
